@@ -1,0 +1,69 @@
+"""UpdateBatch: rollouts laid out as tensors for the log-prob and update passes.
+
+Prompts are left-padded to a common width P and completions right-padded to width C, so every
+row's completion occupies columns P..P+C-1 and a single slice selects all completion logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class UpdateBatch:
+    input_ids: torch.Tensor        # [N, P + C]
+    attention_mask: torch.Tensor   # [N, P + C]
+    position_ids: torch.Tensor     # [N, P + C]
+    completion_mask: torch.Tensor  # [N, C] 1 on completion tokens that enter the loss
+    rollout_logp: torch.Tensor     # [N, C] sampling log-probs reported by the engine
+    advantages: torch.Tensor       # [N]
+    prompt_width: int
+    truncated: torch.Tensor        # [N] bool
+    old_logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def rows(self, idx: torch.Tensor | slice) -> "UpdateBatch":
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        return UpdateBatch(pick(self.input_ids), pick(self.attention_mask), pick(self.position_ids),
+                           pick(self.completion_mask), pick(self.rollout_logp), pick(self.advantages),
+                           self.prompt_width, pick(self.truncated), pick(self.old_logp), pick(self.ref_logp))
+
+
+def build_batch(prompt_ids: list[list[int]], completions: list, advantages: torch.Tensor, pad_id: int,
+                mask_truncated: bool = True) -> UpdateBatch:
+    """``prompt_ids[i]`` is the prompt of ``completions[i]`` (a :class:`rollout.Completion`)."""
+    n = len(completions)
+    p_w = max(len(p) for p in prompt_ids)
+    c_w = max(1, max(len(c.token_ids) for c in completions))
+    ids = torch.full((n, p_w + c_w), pad_id, dtype=torch.long)
+    attn = torch.zeros((n, p_w + c_w), dtype=torch.long)
+    cmask = torch.zeros((n, c_w), dtype=torch.float32)
+    rlogp = torch.zeros((n, c_w), dtype=torch.float32)
+    truncated = torch.zeros(n, dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompt_ids, completions)):
+        ids[i, p_w - len(p):p_w] = torch.tensor(p)
+        attn[i, p_w - len(p):p_w] = 1
+        k = len(c.token_ids)
+        if k:
+            ids[i, p_w:p_w + k] = torch.tensor(c.token_ids)
+            attn[i, p_w:p_w + k] = 1
+            cmask[i, :k] = 1
+            rlogp[i, :len(c.logprobs[:k])] = torch.tensor(c.logprobs[:k], dtype=torch.float32)
+        truncated[i] = c.truncated
+        if mask_truncated and c.truncated:
+            cmask[i] = 0
+    pos = (attn.cumsum(-1) - 1).clamp_min(0)
+    return UpdateBatch(ids, attn, pos, cmask, rlogp, advantages.float(), p_w, truncated)
+
+
+def minibatches(n: int, size: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Row index sets of at most ``size`` rows covering 0..n-1 (shuffled when a generator is given)."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    return [order[i:i + size] for i in range(0, n, max(1, size))]

@@ -1,0 +1,236 @@
+"""Expert-balance monitoring and DeepSeek-V2 balance losses, through hooks on the MoE routers.
+
+transformers' ``DeepseekV2TopkRouter`` returns ``(router_logits, topk_weights, topk_indices)`` but
+the model does not surface them, so a forward hook on every router records per-layer expert
+token counts and routing entropy, and (when enabled) builds the balance losses from the logits
+with their graph intact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+def find_routers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
+    """(layer index, router) for every MoE router, in layer order."""
+    routers = []
+    for name, mod in model.named_modules():
+        if type(mod).__name__.endswith("TopkRouter") and ".layers." in f".{name}":
+            layer = int(name.split("layers.")[1].split(".")[0])
+            routers.append((layer, mod))
+    return routers
+
+
+def expert_balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """DeepSeek-V2 expert-level balance loss term  sum_i f_i P_i  for one layer (before alpha1).
+
+    probs: [T, E] router softmax scores s_{i,t}; topk_idx: [T, K] chosen experts.
+    f_i = E / (K T) * #tokens routed to i;  P_i = mean_t s_{i,t}.  (DeepSeek-V2, arXiv:2405.04434, eq. 12-14)
+    """
+    t, k = topk_idx.shape
+    counts = torch.bincount(topk_idx.reshape(-1), minlength=num_experts).to(probs.dtype)
+    f = counts * num_experts / (k * t)
+    p = probs.mean(0)
+    return (f * p).sum()
+
+
+def device_balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, devices: int) -> torch.Tensor:
+    """DeepSeek-V2 device-level balance loss term  sum_d f'_d P'_d  for one layer (before alpha2).
+
+    Experts are split into ``devices`` equal contiguous groups E_d; f'_d = mean_{j in E_d} f_j,
+    P'_d = sum_{j in E_d} P_j.  (DeepSeek-V2, eq. 15-17)
+    """
+    t, k = topk_idx.shape
+    counts = torch.bincount(topk_idx.reshape(-1), minlength=num_experts).to(probs.dtype)
+    f = (counts * num_experts / (k * t)).view(devices, -1).mean(1)
+    p = probs.mean(0).view(devices, -1).sum(1)
+    return (f * p).sum()
+
+
+def balance_stats(counts: torch.Tensor, dead_threshold: float = 0.0) -> dict[str, float]:
+    """Load statistics of one layer's per-expert token counts [E]."""
+    c = counts.double()
+    mean = c.mean()
+    share = c / c.sum().clamp_min(1)
+    nz = share[share > 0]
+    return {
+        "cv": float(c.std(unbiased=False) / mean) if mean > 0 else 0.0,
+        "maxvio": float(c.max() / mean - 1) if mean > 0 else 0.0,
+        "load_entropy": float(-(nz * nz.log()).sum() / math.log(len(c))),
+        "dead": int((share <= dead_threshold).sum()),
+    }
+
+
+@dataclass
+class ExpertMonitor:
+    """Counts routed tokens per layer and expert during training-mode forward passes.
+
+    Padding is excluded: a pre-hook on the model reads ``attention_mask``. Each model forward is
+    one pass; a router firing again in the same pass (gradient-checkpoint recomputation) is ignored.
+    """
+
+    model: torch.nn.Module
+    alpha1: float = 0.0
+    alpha2: float = 0.0
+    num_devices: int = 1
+    dead_threshold: float = 0.0
+    active: bool = True
+    counts: dict = field(default_factory=dict)
+    entropy_sum: dict = field(default_factory=dict)
+    tokens: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    _aux: list = field(default_factory=list)
+    _mask: torch.Tensor | None = None
+    _pass: int = 0
+    _seen: dict = field(default_factory=dict)
+    _handles: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.routers = find_routers(self.model)
+        if not self.routers:
+            return
+        self.num_experts = self.routers[0][1].num_experts
+        self.top_k = self.routers[0][1].top_k
+        if self.num_experts % self.num_devices:
+            raise ValueError(f"monitor.num_devices={self.num_devices} must divide {self.num_experts} experts")
+        self._handles.append(self.model.register_forward_pre_hook(self._on_model, with_kwargs=True))
+        for layer, router in self.routers:
+            self._handles.append(router.register_forward_hook(self._hook(layer)))
+        self.reset()
+
+    def _on_model(self, module, args, kwargs):
+        self._pass += 1
+        mask = kwargs.get("attention_mask")
+        self._mask = mask.reshape(-1).bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def _hook(self, layer: int):
+        def hook(module, inputs, output):
+            if not (self.active and module.training) or self._seen.get(layer) == self._pass:
+                return
+            self._seen[layer] = self._pass
+            logits, _, idx = output
+            if self._mask is not None and self._mask.numel() == idx.shape[0]:
+                logits, idx = logits[self._mask], idx[self._mask]
+            probs = logits.float().softmax(-1)
+            with torch.no_grad():
+                self.counts[layer] += torch.bincount(idx.reshape(-1), minlength=self.num_experts).cpu()
+                ent = -(probs * probs.clamp_min(1e-20).log()).sum(-1)
+                self.entropy_sum[layer] += float(ent.sum())
+                self.tokens[layer] += idx.shape[0]
+            if torch.is_grad_enabled() and (self.alpha1 or self.alpha2):
+                loss = self.alpha1 * expert_balance_loss(probs, idx, self.num_experts) if self.alpha1 else 0.0
+                if self.alpha2:
+                    loss = loss + self.alpha2 * device_balance_loss(probs, idx, self.num_experts, self.num_devices)
+                self._aux.append(loss)
+        return hook
+
+    def pop_aux_loss(self) -> torch.Tensor | None:
+        """Sum of the balance losses built since the last call (to add to the training loss)."""
+        if not self._aux:
+            return None
+        total = torch.stack([torch.as_tensor(a) for a in self._aux]).sum()
+        self._aux.clear()
+        return total
+
+    def reset(self) -> None:
+        for layer, _ in self.routers:
+            self.counts[layer] = torch.zeros(self.num_experts, dtype=torch.long)
+            self.entropy_sum[layer] = 0.0
+            self.tokens[layer] = 0
+
+    def summary(self, reset: bool = True) -> dict[str, float]:
+        """Flat metrics ``moe/layer{L}/{cv,maxvio,entropy,load_entropy,dead}`` plus means over layers."""
+        out: dict[str, float] = {}
+        if not self.routers or not any(self.tokens.values()):
+            return out
+        per_layer = []
+        for layer, _ in self.routers:
+            if not self.tokens[layer]:
+                continue
+            stats = balance_stats(self.counts[layer], self.dead_threshold)
+            stats["entropy"] = self.entropy_sum[layer] / self.tokens[layer]
+            per_layer.append(stats)
+            out.update({f"moe/layer{layer}/{k}": v for k, v in stats.items()})
+        for key in ("cv", "maxvio", "entropy", "dead"):
+            out[f"moe/{key}_mean"] = sum(s[key] for s in per_layer) / len(per_layer)
+        out["moe/maxvio_max"] = max(s["maxvio"] for s in per_layer)
+        self.history.append({l: self.counts[l].tolist() for l, _ in self.routers})
+        if reset:
+            self.reset()
+        return out
+
+    def load_matrix(self, entry: int = -1) -> tuple[list[int], list[list[float]]]:
+        """(layers, per-layer load shares) of one recorded summary, for heatmaps."""
+        snap = self.history[entry]
+        layers = sorted(snap)
+        return layers, [[c / max(1, sum(snap[l])) for c in snap[l]] for l in layers]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+class RouterReplay:
+    """Record the experts each router chose in one pass and force the same choice in a later pass.
+
+    GRPO's ratio pi/pi_old should compare the same computation; a token whose top-k routing flips
+    between the old-policy pass and the update pass changes the ratio for reasons unrelated to the
+    policy update. Recording is keyed (e.g. by minibatch) because passes must see identical rows.
+    Gate weights are recomputed from the current router logits at the replayed experts, so the
+    router still receives gradients.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.routers = find_routers(model)
+        self.mode: str | None = None
+        self.key = None
+        self.store: dict = {}
+        self.flips = 0
+        self.total = 0
+        self._handles = [r.register_forward_hook(self._hook(layer)) for layer, r in self.routers]
+
+    def _hook(self, layer: int):
+        def hook(module, inputs, output):
+            logits, weights, idx = output
+            slot = (self.key, layer)
+            if self.mode == "record":
+                self.store[slot] = idx.detach().clone()
+            elif self.mode == "replay" and slot in self.store:
+                rec = self.store[slot]
+                if rec.shape != idx.shape:
+                    return None
+                self.flips += int((idx.sort(-1).values != rec.sort(-1).values).any(-1).sum())
+                self.total += idx.shape[0]
+                probs = logits.float().softmax(-1)
+                new_w = probs.gather(-1, rec) * module.routed_scaling_factor
+                return logits, new_w.to(weights.dtype), rec
+            return None
+        return hook
+
+    def __call__(self, mode: str | None, key=None) -> "RouterReplay":
+        self.mode, self.key = mode, key
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.mode = None
+
+    def flip_rate(self, reset: bool = True) -> float:
+        rate = self.flips / self.total if self.total else 0.0
+        if reset:
+            self.flips = self.total = 0
+        return rate
+
+    def clear(self) -> None:
+        self.store.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()

@@ -1,0 +1,127 @@
+"""The MoE-aware policy shared by SFT and GRPO: base model + LoRA + router policy + tokenizer.
+
+The reference policy for GRPO's KL term is the same object with the adapter disabled, so no
+second copy of the weights is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import PreTrainedModel
+
+from align.config import LoraConfig, ModelConfig
+from align.lora import native_v5_targets, peft_config
+from align.modeling import TINY, load_base_model, load_tokenizer, resolve_base
+
+log = logging.getLogger(__name__)
+BASE_DIR = "base"
+
+
+@dataclass
+class Policy:
+    model: torch.nn.Module
+    tokenizer: object
+    base_path: str
+
+    @property
+    def is_peft(self) -> bool:
+        return isinstance(self.model, PeftModel)
+
+    def trainable_parameter_names(self) -> list[str]:
+        return [n for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def num_parameters(self) -> tuple[int, int]:
+        total = sum(p.numel() for p in self.model.parameters())
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return trainable, total
+
+    @contextlib.contextmanager
+    def reference(self):
+        """Run the reference policy (adapter off); a no-op context for full fine-tuning."""
+        if self.is_peft:
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            yield self.model
+
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """Base weights with the LoRA deltas folded in, under the base model's own names."""
+        if not self.is_peft:
+            return {k: v.detach() for k, v in self.model.state_dict().items()}
+        self.model.merge_adapter()
+        try:
+            return {
+                _base_name(k): v.detach().clone()
+                for k, v in self.model.get_base_model().state_dict().items()
+                if "lora_" not in k and ".original_module." not in k
+            }
+        finally:
+            self.model.unmerge_adapter()
+
+    def save(self, out_dir: str | Path) -> None:
+        """Write the adapter (or full weights) and tokenizer in Hugging Face format."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
+        if self.is_peft:
+            cfg_path = out_dir / "adapter_config.json"
+            cfg = json.loads(cfg_path.read_text())
+            cfg["base_model_name_or_path"] = self.base_path
+            cfg_path.write_text(json.dumps(cfg, indent=2))
+
+    def save_merged(self, out_dir: str | Path) -> None:
+        """A full model that transformers and vLLM load without PEFT."""
+        out_dir = Path(out_dir)
+        base = self.model.get_base_model() if self.is_peft else self.model
+        base.save_pretrained(out_dir, state_dict=self.merged_state_dict())
+        self.tokenizer.save_pretrained(out_dir)
+
+
+def _base_name(peft_key: str) -> str:
+    return peft_key.replace(".modules_to_save.default.", ".").replace(".base_layer", "")
+
+
+def _freeze_router(model: torch.nn.Module, train: bool) -> None:
+    for name, p in model.named_parameters():
+        if name.endswith("mlp.gate.weight"):
+            p.requires_grad_(train)
+
+
+def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, base_dir: str | Path | None = None) -> Policy:
+    """Load base (+ an earlier stage's adapter, merged) and attach a fresh LoRA when enabled.
+
+    ``base_dir``: where to persist the tiny random base so that adapters saved later can name it.
+    """
+    base_path, adapters = resolve_base(model_cfg.name_or_path)
+    tokenizer = load_tokenizer(adapters[-1] if adapters else base_path)
+    model: PreTrainedModel = load_base_model(model_cfg, base_path, len(tokenizer))
+    for adapter in adapters:
+        log.info("merging earlier-stage adapter %s", adapter)
+        with native_v5_targets():
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if base_path == TINY and base_dir is not None and lora_cfg.enabled:
+        model.save_pretrained(base_dir)
+        tokenizer.save_pretrained(base_dir)
+        base_path = str(Path(base_dir).resolve())
+    elif adapters:
+        base_path = str(Path(adapters[-1]).resolve())
+    elif Path(base_path).exists():
+        base_path = str(Path(base_path).resolve())
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if lora_cfg.enabled:
+        with native_v5_targets():
+            model = get_peft_model(model, peft_config(lora_cfg))
+    _freeze_router(model, lora_cfg.train_router)
+    if model_cfg.gradient_checkpointing and lora_cfg.enabled:
+        model.enable_input_require_grads()
+    return Policy(model=model, tokenizer=tokenizer, base_path=base_path)

@@ -1,0 +1,180 @@
+"""SFT stage: TRL's SFTTrainer with the MoE-aware policy, the expert monitor and atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import set_seed
+from trl import SFTConfig, SFTTrainer
+from trl.trainer.callbacks import RichProgressCallback
+
+from align import data as data_mod
+from align import plots, rundir
+from align.config import AlignConfig
+from align.moe import ExpertMonitor
+from align.policy import Policy, load_policy
+
+log = logging.getLogger(__name__)
+
+
+class AlignSFTTrainer(SFTTrainer):
+    """SFTTrainer plus: balance losses in the loss, MoE metrics in every log, atomic checkpoints."""
+
+    def __init__(self, *args, monitor: ExpertMonitor | None = None, metrics: rundir.MetricsLogger | None = None,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.monitor = monitor
+        self.metrics = metrics
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        aux = self.monitor.pop_aux_loss() if self.monitor is not None else None
+        if aux is None:
+            return out
+        self._aux_total = getattr(self, "_aux_total", 0.0) + float(aux)
+        if return_outputs:
+            return out[0] + aux, out[1]
+        return out + aux
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if self.monitor is not None and "loss" in logs:
+            logs.update(self.monitor.summary())
+            if getattr(self, "_aux_total", None) is not None and hasattr(self, "_aux_total"):
+                logs["moe/balance_loss"] = self._aux_total / max(1, self.args.logging_steps * self.args.gradient_accumulation_steps)
+                self._aux_total = 0.0
+        super().log(logs, start_time)
+        if self.metrics is not None:
+            self.metrics.log(self.state.global_step, logs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        real = self.args.output_dir
+        staging = Path(real) / ".staging"
+        self.args.output_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = real
+        for done in staging.glob("checkpoint-*"):
+            rundir.commit_dir(done, Path(real) / done.name)
+        rundir.rotate(Path(real), self.args.save_total_limit or 0)
+
+
+def _dataset(rows: list[dict], messages_field: str) -> Dataset:
+    if rows and messages_field in rows[0]:
+        return Dataset.from_list([{"messages": r[messages_field]} for r in rows])
+    return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+
+
+def sft_args(cfg: AlignConfig, ckpt_dir: Path, run_dir: Path) -> SFTConfig:
+    t = cfg.train
+    conversational = True
+    return SFTConfig(
+        output_dir=str(ckpt_dir),
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_strategy="steps" if t.save_steps > 0 else "no",
+        save_steps=t.save_steps if t.save_steps > 0 else 500,
+        save_total_limit=t.save_total_limit,
+        max_length=cfg.data.max_length,
+        packing=cfg.data.packing,
+        assistant_only_loss=conversational,
+        report_to=[],
+        disable_tqdm=True,
+        bf16=cfg.model.dtype == "bfloat16" and torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        gradient_checkpointing=False,
+        remove_unused_columns=True,
+        dataset_num_proc=None,
+    )
+
+
+def held_out_accuracy(policy: Policy, rows: list[dict], cfg: AlignConfig) -> dict:
+    """Greedy exact-match accuracy (math verifier) on held-out chat rows."""
+    from eval.core import evaluate
+    from rollout.base import SamplingSettings
+    from rollout.hf import HFEngine
+
+    if not rows:
+        return {}
+    rows = rows[: cfg.eval.num_samples or len(rows)]
+    prompts = [{**r, "prompt": [m for m in r["messages"] if m["role"] != "assistant"]} for r in rows]
+    settings = SamplingSettings(n=1, temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens)
+    return evaluate(HFEngine(policy.model, policy.tokenizer), policy.tokenizer, prompts, {"math": 1.0}, settings).summary
+
+
+def run_sft(cfg: AlignConfig) -> dict:
+    """Train, then write ``<output.dir>/final`` (Chat (SFT) checkpoint) and a summary; returns the summary."""
+    t0 = time.time()
+    run_dir = rundir.prepare(cfg, cfg.train.resume)
+    ckpt_dir = run_dir / rundir.CKPT_DIR
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    set_seed(cfg.train.seed)
+    train_rows, held = data_mod.sft_rows(cfg.data)
+    policy = load_policy(cfg.model, cfg.lora, base_dir=run_dir / "base")
+    trainable, total = policy.num_parameters()
+    log.info("policy: %s trainable / %s total parameters", f"{trainable:,}", f"{total:,}")
+    monitor = None
+    if cfg.monitor.enabled:
+        monitor = ExpertMonitor(policy.model, cfg.monitor.balance_alpha1, cfg.monitor.balance_alpha2,
+                                cfg.monitor.num_devices, cfg.monitor.dead_threshold)
+    resume_from = None
+    if cfg.train.resume:
+        found = rundir.checkpoints(ckpt_dir)
+        resume_from = str(found[-1]) if found else None
+        if resume_from:
+            step = int(found[-1].name.split("-")[1])
+            rundir.truncate_metrics(run_dir, step)
+    before = held_out_accuracy(policy, held, cfg) if not resume_from else {}
+    metrics = rundir.MetricsLogger(run_dir, tensorboard=cfg.output.tensorboard)
+    trainer = AlignSFTTrainer(
+        model=policy.model,
+        args=sft_args(cfg, ckpt_dir, run_dir),
+        train_dataset=_dataset(train_rows, cfg.data.messages_field),
+        processing_class=policy.tokenizer,
+        callbacks=[RichProgressCallback()],
+        monitor=monitor,
+        metrics=metrics,
+    )
+    train_out = trainer.train(resume_from_checkpoint=resume_from)
+    if monitor is not None:
+        monitor.active = False
+    after = held_out_accuracy(policy, held, cfg)
+    staging = run_dir / ".final.tmp"
+    policy.save(staging)
+    rundir.commit_dir(staging, run_dir / rundir.FINAL_DIR)
+    if monitor is not None and monitor.history:
+        plots.expert_heatmap(monitor, run_dir / "plots" / "expert_load_sft.png", "SFT expert load")
+    summary = {
+        "stage": "sft",
+        "train_loss": train_out.training_loss,
+        "steps": trainer.state.global_step,
+        "first_logged_loss": next((h["loss"] for h in trainer.state.log_history if "loss" in h), None),
+        "last_logged_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
+        "held_out_before": before,
+        "held_out_after": after,
+        "trainable_params": trainable,
+        "total_params": total,
+        "wall_s": round(time.time() - t0, 1),
+        "final": str(run_dir / rundir.FINAL_DIR),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    metrics.close()
+    return summary

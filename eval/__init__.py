@@ -1,0 +1,1 @@
+"""Evaluation: tasks, generation through the rollout engine, scoring with rewards/, pass@k."""

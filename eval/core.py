@@ -1,0 +1,52 @@
+"""Generate for held-out prompts and score with the same verifiers as training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from eval.metrics import mean_and_stderr, pass_at_k
+from rewards import Combined
+from rollout.base import SamplingSettings, render_prompts
+
+
+@dataclass
+class EvalResult:
+    summary: dict
+    samples: list[dict]
+
+
+def evaluate(engine, tokenizer, rows: list[dict], weights: dict[str, float], settings: SamplingSettings,
+             ks: list[int] = (1,), columns: tuple[str, ...] = ("answer",)) -> EvalResult:
+    """Score ``settings.n`` completions per row; accuracy = mean reward of the first sample (≥1 = correct)."""
+    prompts = render_prompts(tokenizer, [r["prompt"] for r in rows])
+    rollouts = engine.generate(prompts, settings)
+    completions, cols = [], {c: [] for c in columns}
+    for row, ro in zip(rows, rollouts):
+        for comp in ro.completions:
+            completions.append(comp.text)
+            for c in columns:
+                cols[c].append(row.get(c))
+    total, per, reasons = Combined(weights).score(completions, **{c: v for c, v in cols.items() if any(x is not None for x in v)})
+    samples, first, passk, unscorable = [], [], {k: [] for k in ks}, 0
+    n = settings.n
+    for i, (row, ro) in enumerate(zip(rows, rollouts)):
+        scores = total[i * n:(i + 1) * n]
+        if any(s is None for s in scores):
+            unscorable += 1
+        correct = [s is not None and s >= 1.0 for s in scores]
+        first.append(float(correct[0]))
+        for k in ks:
+            if k <= n:
+                passk[k].append(pass_at_k(n, sum(correct), k))
+        for j, comp in enumerate(ro.completions):
+            samples.append({
+                "prompt": row["prompt"], "completion": comp.text, "answer": row.get("answer"),
+                "score": scores[j], "reason": "; ".join(reasons[name][i * n + j] for name in weights),
+                "finish_reason": comp.finish_reason,
+            })
+    acc, se = mean_and_stderr(first)
+    summary = {"num_prompts": len(rows), "n": n, "accuracy": acc, "accuracy_stderr": se, "unscorable": unscorable}
+    for k, vals in passk.items():
+        if vals:
+            summary[f"pass@{k}"], summary[f"pass@{k}_stderr"] = mean_and_stderr(vals)
+    return EvalResult(summary, samples)

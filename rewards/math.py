@@ -1,0 +1,87 @@
+"""Math verifier: extract the final answer, check it against the gold answer with math-verify."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+MAX_CHARS = 4000
+logging.getLogger("math_verify").setLevel(logging.ERROR)
+_ANSWER_IS = re.compile(r"answer is[:\s]*\$?([^\n$]+?)\$?\s*(?:\.\s*)?$", re.IGNORECASE | re.MULTILINE)
+_HASHES = re.compile(r"####\s*([^\n]+)")
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox``), nested braces included.
+
+    >>> last_boxed(r"so \\boxed{\\frac{1}{2}} and finally \\boxed{\\frac{3}{4}}")
+    '\\\\frac{3}{4}'
+    """
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start) + 1
+    depth, j = 1, i
+    while j < len(text) and depth:
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        j += 1
+    return text[i:j - 1] if depth == 0 else None
+
+
+def extract_answer(text: str) -> str | None:
+    """Final answer of a completion: last ``\\boxed{}``, else ``#### x``, else "the answer is x".
+
+    >>> extract_answer("3+4=7\\n#### 7")
+    '7'
+    >>> extract_answer("So the answer is 12.") 
+    '12'
+    >>> extract_answer("no idea") is None
+    True
+    """
+    text = text[-MAX_CHARS:]
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed.strip()
+    hits = _HASHES.findall(text)
+    if hits:
+        return hits[-1].strip()
+    hits = _ANSWER_IS.findall(text)
+    return hits[-1].strip().rstrip(".") if hits else None
+
+
+def gold_answer(gold) -> str | None:
+    """Gold column to an answer string: GSM8K's worked solutions end in ``#### x``; MATH's in ``\\boxed``."""
+    if gold is None:
+        return None
+    text = str(gold)
+    if "####" in text:
+        return text.split("####")[-1].strip()
+    boxed = last_boxed(text)
+    return (boxed if boxed is not None else text).strip() or None
+
+
+def _clean(ans: str) -> str:
+    ans = ans.strip().strip("$").strip()
+    return re.sub(r"(?<=\d),(?=\d{3}\b)", "", ans)
+
+
+def verify_one(completion: str, answer) -> tuple[float | None, str]:
+    """(score, reason) for one completion; score None when the gold answer cannot be parsed."""
+    from math_verify import parse, verify
+
+    g = gold_answer(answer)
+    if g is None:
+        return None, "no gold answer"
+    gold_parsed = parse(f"${_clean(g)}$", parsing_timeout=None)
+    if not gold_parsed:
+        return None, f"unparseable gold {g[:40]!r}"
+    pred = extract_answer(completion)
+    if pred is None:
+        return 0.0, "no final answer"
+    if len(pred) > 500:
+        return 0.0, "answer too long"
+    pred_parsed = parse(f"\\boxed{{{_clean(pred)}}}", parsing_timeout=None)
+    if not pred_parsed:
+        return 0.0, f"unparseable answer {pred[:40]!r}"
+    ok = verify(gold_parsed, pred_parsed, timeout_seconds=None)
+    return (1.0 if ok else 0.0), ("correct" if ok else f"wrong: {pred[:40]!r}")

@@ -1,0 +1,134 @@
+"""Reward registry. Every reward has TRL's batch signature ``fn(completions, **columns) -> list[float | None]``.
+
+``None`` means the sample cannot be scored (e.g. an unparseable gold answer): it is excluded from
+training and counted, never silently given 1.0.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+from rewards.pool import TimeoutPool
+
+Scorer = Callable[..., "tuple[float | None, str]"]
+_REGISTRY: dict[str, "Reward"] = {}
+_POOLS: dict[tuple, TimeoutPool] = {}
+SETTINGS = {"timeout_s": 5.0, "workers": 0}
+
+
+def configure(timeout_s: float | None = None, workers: int | None = None) -> None:
+    """Set the per-sample time limit and worker count used by isolated rewards."""
+    if timeout_s is not None:
+        SETTINGS["timeout_s"] = timeout_s
+    if workers is not None:
+        SETTINGS["workers"] = workers
+
+
+def _pool(scorer: Scorer) -> TimeoutPool:
+    key = (scorer, SETTINGS["timeout_s"], SETTINGS["workers"])
+    if key not in _POOLS:
+        _POOLS[key] = TimeoutPool(_call, workers=SETTINGS["workers"], timeout_s=SETTINGS["timeout_s"])
+    return _POOLS[key]
+
+
+def _call(scorer: Scorer, completion: str, columns: dict):
+    return scorer(completion, **columns)
+
+
+@dataclass
+class Reward:
+    """A named reward: a per-sample scorer, the dataset columns it reads, how it runs."""
+
+    name: str
+    scorer: Scorer
+    columns: tuple[str, ...]
+    isolated: bool = True
+    """Run each sample in a killable worker process with the time limit."""
+    batch: Callable | None = None
+    """Optional whole-batch implementation (e.g. the sandbox pool); overrides per-sample calls."""
+
+    def detailed(self, completions: list[str], **columns) -> list[tuple[float | None, str]]:
+        rows = [{c: columns[c][i] for c in self.columns if c in columns} for i in range(len(completions))]
+        missing = [c for c in self.columns if c not in columns and c not in _OPTIONAL.get(self.name, ())]
+        if missing:
+            raise KeyError(f"reward {self.name!r} needs dataset column(s) {missing}")
+        if self.batch is not None:
+            return self.batch(completions, rows)
+        if not self.isolated:
+            return [self.scorer(c, **r) for c, r in zip(completions, rows)]
+        out = _pool(self.scorer).map([(self.scorer, c, r) for c, r in zip(completions, rows)])
+        return [v if ok else (0.0, f"verifier {v}") for ok, v in out]
+
+    def __call__(self, completions: list[str], **columns) -> list[float | None]:
+        return [s for s, _ in self.detailed(completions, **columns)]
+
+
+_OPTIONAL: dict[str, tuple[str, ...]] = {}
+
+
+def register_reward(name: str, columns: tuple[str, ...] = (), isolated: bool = True,
+                    optional: tuple[str, ...] = (), batch: Callable | None = None):
+    def deco(scorer: Scorer) -> Scorer:
+        _REGISTRY[name] = Reward(name, scorer, columns + optional, isolated, batch)
+        _OPTIONAL[name] = optional
+        return scorer
+    return deco
+
+
+def get_reward(name: str) -> Reward:
+    """The registered reward ``name`` (math, code, format, …).
+
+    >>> get_reward("math")(["3+4=7\\n#### 7", "#### 8"], answer=["7", "7"])
+    [1.0, 0.0]
+    """
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown reward {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def list_rewards() -> list[str]:
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+@functools.cache
+def _load_builtins() -> None:
+    from rewards import code, format as fmt, math as m  # noqa: F401  (registration side effects)
+
+    register_reward("math", columns=("answer",))(m.verify_one)
+    register_reward("format", isolated=False, optional=("pattern",))(_format)
+    code.register()
+
+
+def _format(completion: str, pattern: str | None = None):
+    from rewards.format import DEFAULT_PATTERN, format_one
+
+    return format_one(completion, pattern or DEFAULT_PATTERN)
+
+
+@dataclass
+class Combined:
+    """Weighted sum of several rewards; unscorable in any -> unscorable in total."""
+
+    weights: dict[str, float]
+
+    def score(self, completions: list[str], **columns) -> tuple[list[float | None], dict[str, list], dict[str, list]]:
+        per: dict[str, list] = {}
+        reasons: dict[str, list] = {}
+        for name in self.weights:
+            try:
+                detail = get_reward(name).detailed(completions, **columns)
+            except KeyError:
+                raise
+            except Exception as e:  # a crashing verifier must not kill training: score 0, log
+                detail = [(0.0, f"reward error: {type(e).__name__}: {e}")] * len(completions)
+            per[name] = [s for s, _ in detail]
+            reasons[name] = [r for _, r in detail]
+        total = []
+        for i in range(len(completions)):
+            vals = [per[n][i] for n in self.weights]
+            total.append(None if any(v is None for v in vals) else sum(w * v for w, v in zip(self.weights.values(), vals)))
+        return total, per, reasons

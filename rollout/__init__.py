@@ -1,0 +1,6 @@
+"""Rollout engines: prompts in, groups of completions with sampling logprobs out."""
+
+from rollout.base import Completion, Engine, Rollout, SamplingSettings, render_prompts
+from rollout.factory import make_engine
+
+__all__ = ["Completion", "Engine", "Rollout", "SamplingSettings", "make_engine", "render_prompts"]

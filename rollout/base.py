@@ -1,0 +1,81 @@
+"""The engine protocol and the objects it returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass
+class SamplingSettings:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    """Sampling logprob of each generated token (log-softmax of logits / temperature)."""
+    finish_reason: str
+    """'stop' (EOS or a stop string) or 'length' (cut at max_new_tokens)."""
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+
+@dataclass
+class Rollout:
+    """One prompt and its group of ``n`` completions."""
+
+    prompt_ids: list[int]
+    completions: list[Completion]
+
+
+class Engine(Protocol):
+    name: str
+
+    def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[Rollout]:
+        """Per prompt (token ids), ``settings.n`` completions, in prompt order."""
+
+    def update_weights(self, named_tensors) -> float:
+        """Load new policy weights (name -> tensor, base-model names); returns seconds taken."""
+
+    def sleep(self) -> None:
+        """Free accelerator memory while the trainer runs (no-op where unsupported)."""
+
+    def wake_up(self) -> None:
+        """Undo :meth:`sleep`."""
+
+
+def render_prompts(tokenizer, messages: list[list[dict]]) -> list[list[int]]:
+    """Chat messages -> prompt token ids with the generation prompt appended."""
+    out = []
+    for m in messages:
+        ids = tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True)
+        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    return out
+
+
+def cut_at_stop(text: str, token_ids: list[int], stop: list[str], tokenizer) -> tuple[str, list[int], bool]:
+    """Truncate a completion at the first stop string; returns (text, ids, stopped)."""
+    hits = [text.find(s) for s in stop if s and s in text]
+    if not hits:
+        return text, token_ids, False
+    cut = min(hits)
+    kept: list[int] = []
+    for tid in token_ids:
+        kept.append(tid)
+        if len(tokenizer.decode(kept, skip_special_tokens=True)) >= cut:
+            break
+    return text[:cut], kept, True

