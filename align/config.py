@@ -78,6 +78,7 @@ class SyntheticConfig:
     max_operand: int = _f(30, "Operands are drawn from 0..max_operand.")
     num_terms: list = _f([2], "How many operands a problem may have (chosen uniformly).")
     ops: str = _f("+", "Operators drawn from this string, e.g. '+-'.")
+    noise: float = _f(0.0, "Fraction of training answers replaced by a near miss (a noisy teacher); held-out gold stays exact.")
     seed: int = _f(1234, "Seed of the generator.")
 
 
@@ -85,7 +86,10 @@ class SyntheticConfig:
 class DataConfig:
     train: str = _f("synthetic", "Training data: 'synthetic', a hub dataset id, or a local .json/.jsonl/.parquet file.")
     eval: str = _f("synthetic", "Held-out data, same forms as train; '' for none.")
-    split: str = _f("train", "Split of a hub dataset.")
+    split: str = _f("train", "Split of a hub dataset for training.")
+    eval_split: str = _f("test", "Split of a hub dataset for evaluation.")
+    subset: str = _f("", "Hub dataset configuration name, e.g. 'main' for openai/gsm8k.")
+    columns: dict = _f({}, "Rename dataset columns to the names verifiers read, e.g. {tests: test_list}.")
     messages_field: str = _f("messages", "Column holding chat messages.")
     prompt_field: str = _f("question", "Column with the prompt text when rows have no messages (GRPO, eval).")
     answer_field: str = _f("answer", "Column with the gold answer (GRPO, eval).")

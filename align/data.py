@@ -26,10 +26,19 @@ def _solve(terms: list[int], ops: list[str]) -> tuple[int, list[str]]:
     return value, steps
 
 
-def arithmetic_row(terms: list[int], ops: list[str]) -> dict:
-    """One chat row: the question, a worked answer ending in ``#### <result>``, and gold columns."""
+def arithmetic_row(terms: list[int], ops: list[str], error: int = 0) -> dict:
+    """One chat row: the question, a worked answer ending in ``#### <result>``, and gold columns.
+
+    ``error`` shifts the reply's final result (a teacher's mistake); the gold ``answer`` stays exact.
+    """
     expr = "".join(str(terms[0]) + "".join(o + str(t) for o, t in zip(ops, terms[1:])))
     value, steps = _solve(terms, ops)
+    if error:
+        head, _ = steps[-1].rsplit("=", 1)
+        steps[-1] = f"{head}={value + error}"
+        row = arithmetic_row(terms, ops)
+        row["messages"][1]["content"] = "\n".join(steps + [f"#### {value + error}"])
+        return row
     question = f"What is {expr}?"
     reply = "\n".join(steps + [f"#### {value}"])
     return {
@@ -56,10 +65,11 @@ def synthetic_splits(cfg: SyntheticConfig) -> tuple[list[dict], list[dict]]:
         attempts += 1
     train = []
     for _ in range(cfg.num_train):
-        row = arithmetic_row(*draw())
-        while row["question"] in held:
-            row = arithmetic_row(*draw())
-        train.append(row)
+        terms, ops_ = draw()
+        while arithmetic_row(terms, ops_)["question"] in held:
+            terms, ops_ = draw()
+        error = rng.choice([-2, -1, 1, 2]) if rng.random() < cfg.noise else 0
+        train.append(arithmetic_row(terms, ops_, error))
     return train, list(held.values())
 
 
@@ -79,8 +89,15 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def load_rows(source: str, split: str = "train") -> list[dict]:
-    """Rows from a local .jsonl/.json/.parquet file or a hub dataset id."""
+def load_rows(source: str, split: str = "train", subset: str = "", columns: dict | None = None) -> list[dict]:
+    """Rows from a local .jsonl/.json/.parquet file or a hub dataset id, with columns renamed."""
+    rows = _load_rows(source, split, subset)
+    if columns:
+        rows = [{**r, **{new: r[old] for new, old in columns.items() if old in r}} for r in rows]
+    return rows
+
+
+def _load_rows(source: str, split: str, subset: str) -> list[dict]:
     path = Path(source)
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json", ".parquet") or path.exists() or source.startswith((".", "/")):
@@ -104,7 +121,7 @@ def load_rows(source: str, split: str = "train") -> list[dict]:
     import datasets
 
     try:
-        return datasets.load_dataset(source, split=split).to_list()
+        return datasets.load_dataset(source, subset or None, split=split).to_list()
     except Exception as e:  # hub errors come in many types; the user needs the id and the reason
         raise DataError(f"{source}: cannot load dataset split {split!r} ({str(e).splitlines()[0]})") from None
 
@@ -131,8 +148,8 @@ def sft_rows(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
     if cfg.train == SYNTHETIC:
         train, held = synthetic_splits(cfg.synthetic)
     else:
-        train = load_rows(cfg.train, cfg.split)
-        held = load_rows(cfg.eval, "test") if cfg.eval and cfg.eval != SYNTHETIC else []
+        train = load_rows(cfg.train, cfg.split, cfg.subset, cfg.columns)
+        held = load_rows(cfg.eval, cfg.eval_split, cfg.subset, cfg.columns) if cfg.eval and cfg.eval != SYNTHETIC else []
     check_chat_rows(train, cfg.train, cfg.messages_field)
     if cfg.eval == SYNTHETIC and cfg.train != SYNTHETIC:
         held = synthetic_splits(cfg.synthetic)[1]
@@ -146,7 +163,7 @@ def prompt_rows(cfg: DataConfig, which: str = "train") -> list[dict]:
         train, held = synthetic_splits(cfg.synthetic)
         rows = train if which == "train" else held
     else:
-        rows = load_rows(source, cfg.split if which == "train" else "test")
+        rows = load_rows(source, cfg.split if which == "train" else cfg.eval_split, cfg.subset, cfg.columns)
     out = []
     for i, row in enumerate(rows, 1):
         if isinstance(row.get(cfg.messages_field), list):

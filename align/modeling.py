@@ -81,9 +81,16 @@ def resolve_base(path: str) -> tuple[str, list[str]]:
     return path, adapters
 
 
+def check_model_path(path: str) -> None:
+    """A local-looking path that does not exist is a user error, not a hub lookup."""
+    if path != TINY and not Path(path).exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
+        raise AlignError(f"model.name_or_path={path!r}: no such local path (and not a hub id)")
+
+
 def load_tokenizer(path: str):
     if path == TINY:
         return build_tokenizer()
+    check_model_path(path)
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -104,8 +111,7 @@ def load_base_model(cfg: ModelConfig, path: str, vocab_size: int) -> PreTrainedM
         model.set_experts_implementation(_experts_impl(cfg.experts_implementation)) if hasattr(
             model, "set_experts_implementation") else None
         return model
-    if not Path(path).exists() and (path.startswith((".", "/")) or path.count("/") != 1):
-        raise AlignError(f"model.name_or_path={path!r}: no such local path (and not a hub id)")
+    check_model_path(path)
     try:
         return AutoModelForCausalLM.from_pretrained(
             path,

@@ -115,8 +115,15 @@ def held_out_accuracy(policy: Policy, rows: list[dict], cfg: AlignConfig) -> dic
         return {}
     rows = rows[: cfg.eval.num_samples or len(rows)]
     prompts = [{**r, "prompt": [m for m in r["messages"] if m["role"] != "assistant"]} for r in rows]
-    settings = SamplingSettings(n=1, temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens)
-    return evaluate(HFEngine(policy.model, policy.tokenizer), policy.tokenizer, prompts, {"math": 1.0}, settings).summary
+    engine = HFEngine(policy.model, policy.tokenizer)
+    out = {}
+    for name, temp, n in (("greedy", 0.0, 1), ("sampled", cfg.eval.temperature, cfg.eval.n)):
+        if name == "sampled" and temp <= 0:
+            continue
+        settings = SamplingSettings(n=n, temperature=temp, max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.train.seed)
+        summary = evaluate(engine, policy.tokenizer, prompts, {"math": 1.0}, settings, ks=cfg.eval.k).summary
+        out.update({f"{name}_{k}": v for k, v in summary.items()})
+    return out
 
 
 def run_sft(cfg: AlignConfig) -> dict:

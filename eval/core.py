@@ -17,7 +17,7 @@ class EvalResult:
 
 def evaluate(engine, tokenizer, rows: list[dict], weights: dict[str, float], settings: SamplingSettings,
              ks: list[int] = (1,), columns: tuple[str, ...] = ("answer",)) -> EvalResult:
-    """Score ``settings.n`` completions per row; accuracy = mean reward of the first sample (≥1 = correct)."""
+    """Score ``settings.n`` completions per row; accuracy = mean fraction of correct samples (pass@1)."""
     prompts = render_prompts(tokenizer, [r["prompt"] for r in rows])
     rollouts = engine.generate(prompts, settings)
     completions, cols = [], {c: [] for c in columns}
@@ -34,7 +34,7 @@ def evaluate(engine, tokenizer, rows: list[dict], weights: dict[str, float], set
         if any(s is None for s in scores):
             unscorable += 1
         correct = [s is not None and s >= 1.0 for s in scores]
-        first.append(float(correct[0]))
+        first.append(sum(correct) / len(correct))
         for k in ks:
             if k <= n:
                 passk[k].append(pass_at_k(n, sum(correct), k))

@@ -113,8 +113,14 @@ def _held_out(cfg: AlignConfig, engine, policy: Policy, rows: list[dict]) -> dic
     if not rows:
         return {}
     rows = rows[: cfg.eval.num_samples or len(rows)]
-    settings = SamplingSettings(n=1, temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens)
-    return evaluate(engine, policy.tokenizer, rows, dict(cfg.rewards.functions), settings).summary
+    out = {}
+    for name, temp, n in (("greedy", 0.0, 1), ("sampled", cfg.eval.temperature, cfg.eval.n)):
+        if name == "sampled" and temp <= 0:
+            continue
+        settings = SamplingSettings(n=n, temperature=temp, max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.rollout.seed)
+        summary = evaluate(engine, policy.tokenizer, rows, dict(cfg.rewards.functions), settings, ks=cfg.eval.k).summary
+        out.update({f"{name}_{k}": v for k, v in summary.items()})
+    return out
 
 
 def _setup(cfg: AlignConfig, run_dir: Path):
@@ -209,7 +215,7 @@ def run_grpo(cfg: AlignConfig) -> dict:
             m["time/step"] = time.perf_counter() - t_step
             m["throughput/rollout_tok_s"] = m["completion/tokens"] / max(m["time/rollout"], 1e-9)
             if cfg.grpo.eval_every and step % cfg.grpo.eval_every == 0:
-                m.update({f"eval/{k}": v for k, v in _held_out(cfg, engine, policy, held).items() if isinstance(v, float)})
+                m.update({f"eval/{k}": v for k, v in _held_out(cfg, engine, policy, held).items()})
             metrics_log.log(step, m)
             progress.update(task, advance=1, info=f"reward {m['reward/mean']:.3f}")
             if cfg.train.save_steps and step % cfg.train.save_steps == 0:

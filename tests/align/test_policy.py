@@ -1,0 +1,77 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from align.config import LoraConfig, ModelConfig
+from align.merge import merge_checkpoint
+from align.policy import load_policy
+
+IDS = torch.tensor([[1, 5, 30, 40, 50, 6, 20, 21]])
+
+
+def _randomize_lora(policy, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in policy.model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def _logits(model):
+    model.eval()
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def test_lora_reaches_every_group_and_router_frozen():
+    names = load_policy(ModelConfig(), LoraConfig()).trainable_parameter_names()
+    for part in ("self_attn.q_proj.lora_A", "self_attn.kv_a_proj_with_mqa.lora_A", "self_attn.kv_b_proj.lora_A",
+                 "self_attn.o_proj.lora_A", "layers.0.mlp.gate_proj.lora_A", "shared_experts.down_proj.lora_B",
+                 "layers.1.mlp.experts.lora_A", "layers.1.mlp.experts.base_layer.lora_A"):
+        assert any(part in n for n in names), part
+    assert not any("mlp.gate." in n for n in names), "router must be frozen by default"
+    assert not any(n.endswith("embed_tokens.weight") for n in names)
+
+
+def test_groups_switch_off_and_router_trains_on_request():
+    names = load_policy(ModelConfig(), LoraConfig(routed_experts=False, train_router=True)).trainable_parameter_names()
+    assert not any("mlp.experts." in n for n in names)
+    assert any("shared_experts.gate_proj.lora_A" in n for n in names)
+    assert any("mlp.gate.modules_to_save" in n for n in names)
+
+
+def test_full_finetune_freezes_only_router():
+    p = load_policy(ModelConfig(), LoraConfig(enabled=False))
+    frozen = [n for n, q in p.model.named_parameters() if not q.requires_grad]
+    assert frozen and all(n.endswith("mlp.gate.weight") for n in frozen)
+
+
+def test_reference_disables_adapter():
+    p = load_policy(ModelConfig(), LoraConfig())
+    base = _logits(p.model)
+    _randomize_lora(p)
+    adapted = _logits(p.model)
+    assert (adapted - base).abs().max() > 1e-3
+    with p.reference() as ref:
+        torch.testing.assert_close(_logits(ref), base)
+
+
+def test_reload_and_merge_reproduce_logits(tmp_path):
+    p = load_policy(ModelConfig(), LoraConfig(), base_dir=tmp_path / "base")
+    _randomize_lora(p)
+    expected = _logits(p.model)
+    p.save(tmp_path / "ckpt")
+    reloaded = load_policy(ModelConfig(name_or_path=str(tmp_path / "ckpt")), LoraConfig(enabled=False))
+    torch.testing.assert_close(_logits(reloaded.model), expected, atol=1e-5, rtol=1e-5)
+    merge_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "merged"))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    torch.testing.assert_close(_logits(merged), expected, atol=1e-5, rtol=1e-5)
+    sd = p.merged_state_dict()
+    assert "model.layers.1.mlp.experts.gate_up_proj" in sd and not any("lora" in k for k in sd)
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    from align.errors import AlignError
+
+    with pytest.raises(AlignError, match="no such local path"):
+        load_policy(ModelConfig(name_or_path=str(tmp_path / "nope")), LoraConfig())
