@@ -92,7 +92,7 @@ class DataConfig:
     columns: dict = _f({}, "Rename dataset columns to the names verifiers read, e.g. {tests: test_list}.")
     messages_field: str = _f("messages", "Column holding chat messages.")
     prompt_field: str = _f("question", "Column with the prompt text when rows have no messages (GRPO, eval).")
-    answer_field: str = _f("answer", "Column with the gold answer (GRPO, eval).")
+    answer_field: str = _f("answer", "Column with the gold answer (GRPO, eval); '' for tasks verified by tests.")
     system_prompt: str = _f("", "System message prepended to prompts built from prompt_field.")
     max_length: int = _f(128, "Longest tokenized training sequence; longer ones are truncated.")
     packing: bool = _f(False, "Pack several short sequences into one row.")

@@ -174,9 +174,11 @@ def prompt_rows(cfg: DataConfig, which: str = "train") -> list[dict]:
             raise DataError(f"{source}: row {i} has neither '{cfg.messages_field}' nor '{cfg.prompt_field}'")
         if cfg.system_prompt:
             msgs = [{"role": "system", "content": cfg.system_prompt}] + msgs
-        if cfg.answer_field not in row:
+        if cfg.answer_field and cfg.answer_field not in row:
             raise DataError(f"{source}: row {i} has no gold column '{cfg.answer_field}'")
-        out.append({**row, "prompt": msgs, "answer": row[cfg.answer_field]})
+        text = row.get("prompt") if isinstance(row.get("prompt"), str) else None
+        out.append({**row, "prompt": msgs, "prompt_text": text,
+                    "answer": row[cfg.answer_field] if cfg.answer_field else None})
     if not out:
         raise DataError(f"{source}: no rows")
     return out

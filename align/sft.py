@@ -168,6 +168,7 @@ def run_sft(cfg: AlignConfig) -> dict:
     policy.save(staging)
     rundir.commit_dir(staging, run_dir / rundir.FINAL_DIR)
     if monitor is not None and monitor.history:
+        (run_dir / "moe_history.json").write_text(json.dumps(monitor.history))
         plots.expert_heatmap(monitor, run_dir / "plots" / "expert_load_sft.png", "SFT expert load")
     summary = {
         "stage": "sft",

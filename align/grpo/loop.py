@@ -226,6 +226,7 @@ def run_grpo(cfg: AlignConfig) -> dict:
     policy.save(staging)
     rundir.commit_dir(staging, run_dir / rundir.FINAL_DIR)
     if monitor is not None and monitor.history:
+        (run_dir / "moe_history.json").write_text(json.dumps(monitor.history))
         plots.expert_heatmap(monitor, run_dir / "plots" / "expert_load_grpo.png", "GRPO expert load (all updates)")
     metrics_log.close()
     summary = {"stage": "grpo", "steps": step, "held_out_before": before, "held_out_after": after,

@@ -1,0 +1,57 @@
+"""Bad inputs: one clear line naming the file/key/line, exit code 2, nothing written."""
+
+import json
+
+import pytest
+
+from align.cli import main
+
+
+def _err(capsys, argv):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("align: error:"), err
+    return err[0]
+
+
+def test_help_exits_zero(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sft", "--help"])
+    assert e.value.code == 0 and "recipe" in capsys.readouterr().out
+
+
+def test_config_prints_resolved_yaml(capsys):
+    assert main(["config", "recipes/tiny_sft.yaml", "train.max_steps=7"]) == 0
+    assert "max_steps: 7" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["sft", "train.nope=1"], "train.nope: unknown key"),
+    (["sft", "train.batch_size=big"], "train.batch_size: expected int"),
+    (["sft", "recipes/does_not_exist.yaml"], "recipe file not found"),
+    (["sft", "model.name_or_path=./no/such/model"], "no such local path"),
+])
+def test_config_and_model_errors(capsys, tmp_path, argv, needle):
+    assert needle in _err(capsys, argv + [f"output.dir={tmp_path / 'out'}"])
+
+
+def test_data_errors(capsys, tmp_path):
+    missing = tmp_path / "missing.jsonl"
+    assert "dataset file not found" in _err(capsys, ["sft", f"data.train={missing}", f"output.dir={tmp_path / 'a'}"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n{oops\n")
+    assert f"{bad}:2: malformed JSON" in _err(capsys, ["sft", f"data.train={bad}", f"output.dir={tmp_path / 'b'}"])
+    nomsg = tmp_path / "nomsg.jsonl"
+    nomsg.write_text('{"text": "hello"}\n')
+    assert "row 1 has no 'messages'" in _err(capsys, ["sft", f"data.train={nomsg}", f"output.dir={tmp_path / 'c'}"])
+
+
+def test_unwritable_and_occupied_output(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert "not writable" in _err(capsys, ["sft", f"output.dir={blocker / 'sub'}"])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("keep me\n")
+    assert "is not empty" in _err(capsys, ["sft", f"output.dir={run}"])
+    assert (run / "metrics.jsonl").read_text() == "keep me\n"

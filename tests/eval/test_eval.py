@@ -1,0 +1,73 @@
+import itertools
+import json
+import random
+
+import pytest
+
+from eval.core import evaluate
+from eval.metrics import pass_at_k
+from eval.run import COLUMNS, format_table
+from eval.tasks import TASKS, load_task
+from rollout.base import Completion, Rollout, SamplingSettings
+
+
+def _brute(n, c, k):
+    items = [1] * c + [0] * (n - c)
+    combos = list(itertools.combinations(range(n), k))
+    return sum(any(items[i] for i in combo) for combo in combos) / len(combos)
+
+
+@pytest.mark.parametrize("n,c,k", [(n, c, k) for n in range(1, 8) for c in range(n + 1) for k in range(1, n + 1)])
+def test_pass_at_k_equals_enumeration(n, c, k):
+    assert pass_at_k(n, c, k) == pytest.approx(_brute(n, c, k))
+
+
+class OracleEngine:
+    """Returns a fixed completion per prompt: the known solution, or a broken one."""
+
+    name = "oracle"
+
+    def __init__(self, answers):
+        self.answers = answers
+
+    def generate(self, prompts, settings):
+        return [Rollout(p, [Completion([1], a, [0.0], "stop") for _ in range(settings.n)]) for p, a in zip(prompts, self.answers)]
+
+
+class Tok:
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
+        return [len(messages)]
+
+
+def _reference(task, row):
+    ref = row[task.reference]
+    if task.name == "gsm8k":
+        return ref  # ends in "#### x"
+    return ref
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_shipped_samples_score_exactly(name):
+    task, rows = load_task(f"{name}:sample")
+    assert rows, name
+    cols = tuple(dict.fromkeys(c for r in task.rewards for c in COLUMNS[r]))
+    good = evaluate(OracleEngine([_reference(task, r) for r in rows]), Tok(), rows, task.rewards,
+                    SamplingSettings(n=1, temperature=0.0), columns=cols)
+    assert good.summary["accuracy"] == 1.0 and good.summary["unscorable"] == 0, good.samples[:2]
+    bad = evaluate(OracleEngine(["#### -12345" if "math" in task.rewards else "    return None\n"] * len(rows)), Tok(),
+                   rows, task.rewards, SamplingSettings(n=1, temperature=0.0), columns=cols)
+    assert bad.summary["accuracy"] == 0.0
+
+
+def test_summary_pass_at_k_and_samples():
+    task, rows = load_task("synthetic", limit=10)
+    answers = [r["messages"][1]["content"] if i % 2 == 0 else "#### -1" for i, r in enumerate(rows)]
+    res = evaluate(OracleEngine(answers), Tok(), rows, task.rewards, SamplingSettings(n=3, temperature=1.0), ks=[1, 3])
+    assert res.summary["accuracy"] == pytest.approx(0.5) and res.summary["pass@3"] == pytest.approx(0.5)
+    assert len(res.samples) == 30 and {"prompt", "completion", "score", "reason"} <= set(res.samples[0])
+
+
+def test_table_has_one_row_per_checkpoint():
+    text = format_table({"sft": {"synthetic": {"accuracy": 0.5, "accuracy_stderr": 0.1}},
+                         "rl": {"synthetic": {"accuracy": 0.75, "accuracy_stderr": 0.1}}}, [1])
+    assert "| sft | 50.0 ± 10.0 |" in text and "| rl | 75.0 ± 10.0 |" in text
