@@ -107,10 +107,8 @@ def load_base_model(cfg: ModelConfig, path: str, vocab_size: int) -> PreTrainedM
         torch.manual_seed(cfg.tiny.seed)
         config = tiny_config(cfg.tiny, vocab_size)
         config._attn_implementation = cfg.attn_implementation
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        model.set_experts_implementation(_experts_impl(cfg.experts_implementation)) if hasattr(
-            model, "set_experts_implementation") else None
-        return model
+        config._experts_implementation = _experts_impl(cfg.experts_implementation)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
     check_model_path(path)
     try:
         return AutoModelForCausalLM.from_pretrained(

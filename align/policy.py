@@ -51,19 +51,29 @@ class Policy:
         else:
             yield self.model
 
-    def merged_state_dict(self) -> dict[str, torch.Tensor]:
-        """Base weights with the LoRA deltas folded in, under the base model's own names."""
+    @contextlib.contextmanager
+    def merged_weights(self, only_adapted: bool = False):
+        """Yield an iterator of (base-model name, merged weight view) while the adapter is merged in place.
+
+        No copies are made, so consume (copy) inside the ``with`` block. ``only_adapted``: just the
+        weights an adapter can change (PEFT wraps exactly those, as ``base_layer`` or
+        ``modules_to_save``) — all a rollout engine needs after it started from the same base.
+        """
         if not self.is_peft:
-            return {k: v.detach() for k, v in self.model.state_dict().items()}
+            yield ((k, v.detach()) for k, v in self.model.state_dict().items())
+            return
         self.model.merge_adapter()
         try:
-            return {
-                _base_name(k): v.detach().clone()
-                for k, v in self.model.get_base_model().state_dict().items()
-                if "lora_" not in k and ".original_module." not in k
-            }
+            yield ((_base_name(k), v.detach()) for k, v in self.model.get_base_model().state_dict().items()
+                   if "lora_" not in k and ".original_module." not in k
+                   and (not only_adapted or ".base_layer" in k or ".modules_to_save." in k))
         finally:
             self.model.unmerge_adapter()
+
+    def merged_state_dict(self, only_adapted: bool = False) -> dict[str, torch.Tensor]:
+        """A detached copy of :meth:`merged_weights`."""
+        with self.merged_weights(only_adapted) as weights:
+            return {k: v.clone() for k, v in weights}
 
     def save(self, out_dir: str | Path) -> None:
         """Write the adapter (or full weights) and tokenizer in Hugging Face format."""

@@ -57,7 +57,7 @@ def main() -> None:
                     if "lora_B" in n:
                         p.normal_(0, 0.01)
             t = time.perf_counter()
-            sd = policy.merged_state_dict()
+            sd = policy.merged_state_dict(only_adapted=True)
             entry["merge_s"] = time.perf_counter() - t
             entry["sync_s"] = engine.update_weights(sd)
             entry["synced_params"] = engine.last_sync["params"]

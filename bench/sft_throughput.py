@@ -66,11 +66,18 @@ def main() -> None:
                        ("lora_with_experts", LoraConfig())]:
         if a.shape == "v2-lite" and name == "full":
             continue
-        policy = load_policy(ModelConfig(tiny=tiny, dtype=dtype, gradient_checkpointing=a.shape == "v2-lite"), lora)
-        results[name] = measure(policy, a.batch, a.seq, a.steps, device)
+        with torch.device(device):
+            policy = load_policy(ModelConfig(tiny=tiny, dtype=dtype, gradient_checkpointing=a.shape == "v2-lite"), lora)
+        try:
+            results[name] = measure(policy, a.batch, a.seq, a.steps, device)
+        except torch.OutOfMemoryError:
+            results[name] = {"oom": True}
         del policy
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
     base = results.get("lora_no_experts", {}).get("tokens_per_s")
-    if base:
+    if base and "tokens_per_s" in results.get("lora_with_experts", {}):
         results["expert_lora_cost_ratio"] = results["lora_with_experts"]["tokens_per_s"] / base
     write(f"sft_throughput_{a.shape}_{device}", {"batch": a.batch, "seq": a.seq, **results})
 

@@ -10,7 +10,7 @@ import time
 import torch
 
 from rollout.base import Completion, Rollout, SamplingSettings
-from rollout.weights import changed, to_engine_names
+from rollout.weights import to_engine_names
 
 log = logging.getLogger(__name__)
 _ROUTED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
@@ -100,7 +100,6 @@ class VLLMEngine:
             log.info("vllm-cpu: native rope on %s modules", self.llm.apply_model(_native_rope))
         # vLLM's CPU worker drops torch to one thread for serving; the trainer shares the process.
         torch.set_num_threads(threads)
-        self._last: dict[str, torch.Tensor] | None = None
         self.last_sync: dict = {}
 
     def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[Rollout]:
@@ -127,30 +126,32 @@ class VLLMEngine:
             rollouts.append(Rollout(prompt_ids=list(p), completions=comps))
         return rollouts
 
-    def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> float:
-        """Push merged policy weights; only tensors changed since the last push travel."""
+    def update_weights(self, named_tensors) -> float:
+        """Push merged policy weights: a dict or an iterator of (base-model name, tensor).
+
+        The caller sends only what can have changed (``Policy.merged_weights(only_adapted=True)``).
+        """
         t0 = time.perf_counter()
-        delta = changed(named_tensors, self._last)
-        rest = delta
-        if not torch.cuda.is_available():
-            experts = {}
-            for name in [n for n in delta if _ROUTED.match(n)]:
-                layer, kind = _ROUTED.match(name).groups()
-                experts.setdefault(int(layer), {})["w13" if kind == "gate_up_proj" else "w2"] = named_tensors[name]
-            for layer, parts in experts.items():
-                prefix = f"model.layers.{layer}.mlp.experts."
-                parts.setdefault("w13", named_tensors[prefix + "gate_up_proj"])
-                parts.setdefault("w2", named_tensors[prefix + "down_proj"])
-            rest = {k: v for k, v in delta.items() if not _ROUTED.match(k)}
-            if experts:
-                self.llm.apply_model(lambda model: _write_cpu_experts(model, experts))
+        items = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
+        cpu = not torch.cuda.is_available()
+        experts: dict[int, dict] = {}
+        rest: list = []
+        for name, tensor in items:
+            m = _ROUTED.match(name) if cpu else None
+            if m:
+                experts.setdefault(int(m.group(1)), {})["w13" if m.group(2) == "gate_up_proj" else "w2"] = tensor
+            else:
+                rest.append((name, tensor))
+        if experts:
+            self.llm.apply_model(lambda model: _write_cpu_experts(model, experts))
         if rest:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": to_engine_names(rest)})
-        if delta:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": to_engine_names(iter(rest))})
+        if rest or experts:
             self.llm.reset_prefix_cache()
-        self._last = {k: v for k, v in named_tensors.items()}
         secs = time.perf_counter() - t0
-        self.last_sync = {"tensors": len(delta), "params": sum(v.numel() for v in delta.values()), "seconds": secs}
+        n_exp = sum(len(v) for v in experts.values())
+        self.last_sync = {"tensors": len(rest) + n_exp, "seconds": secs,
+                          "params": sum(t.numel() for _, t in rest) + sum(t.numel() for v in experts.values() for t in v.values())}
         return secs
 
     def sleep(self) -> None:

@@ -10,7 +10,7 @@ import torch
 _FUSED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
-def to_engine_names(named: dict[str, torch.Tensor] | Iterator) -> Iterator[tuple[str, torch.Tensor]]:
+def to_engine_names(named: "dict[str, torch.Tensor] | Iterator") -> Iterator[tuple[str, torch.Tensor]]:
     """Split fused routed experts into vLLM's per-expert names; pass everything else through.
 
     ``experts.gate_up_proj`` [E, 2I, H] -> ``experts.{e}.gate_proj.weight`` (rows :I) and ``up_proj`` (rows I:);
@@ -30,10 +30,3 @@ def to_engine_names(named: dict[str, torch.Tensor] | Iterator) -> Iterator[tuple
                 yield f"{prefix}.{e}.up_proj.weight", up
             else:
                 yield f"{prefix}.{e}.down_proj.weight", t[e]
-
-
-def changed(named: dict[str, torch.Tensor], before: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-    """Only tensors that differ from the last push (LoRA leaves norms, embeddings, routers untouched)."""
-    if before is None:
-        return named
-    return {k: v for k, v in named.items() if k not in before or not torch.equal(v, before[k])}

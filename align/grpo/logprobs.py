@@ -1,9 +1,11 @@
-"""Per-token log-probs and entropy of completions without materializing full-vocabulary fp32 logits
-for the whole batch: hidden states are projected through the LM head a chunk of rows at a time."""
+"""Per-token log-probs and entropy of completions without materializing full-vocabulary fp32 logits:
+hidden states go through the LM head a chunk of tokens at a time, and each chunk is recomputed in
+the backward pass instead of keeping its logits alive."""
 
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 
 def _decoder_and_head(model: torch.nn.Module):
@@ -11,9 +13,45 @@ def _decoder_and_head(model: torch.nn.Module):
     return base.model, base.lm_head
 
 
+def _chunk_logp(h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = torch.nn.functional.linear(h, weight).float() / temperature
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+@torch.no_grad()
+def _chunk_entropy(h: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = torch.nn.functional.linear(h, weight).float() / temperature
+    lse = torch.logsumexp(logits, -1)
+    return lse - (logits.softmax(-1) * logits).sum(-1)
+
+
+def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, temperature: float = 1.0,
+                   chunk_tokens: int = 4096, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log softmax(head(hidden) / T)[targets] for hidden [N, T, H], targets [N, T] -> [N, T] (+ entropy [N, T]).
+
+    Peak extra memory is one chunk of ``chunk_tokens x vocab`` fp32 logits, forward and backward.
+    The head must be a plain linear layer (its weight is read directly).
+    """
+    n, t, d = hidden.shape
+    weight = head.weight
+    temp = temperature if temperature > 0 else 1.0
+    h, y = hidden.reshape(-1, d), targets.reshape(-1)
+    logps, ents = [], []
+    for i in range(0, h.shape[0], chunk_tokens):
+        hc, yc = h[i:i + chunk_tokens], y[i:i + chunk_tokens]
+        if torch.is_grad_enabled() and (hc.requires_grad or weight.requires_grad):
+            logps.append(checkpoint(_chunk_logp, hc, yc, weight, temp, use_reentrant=False))
+        else:
+            logps.append(_chunk_logp(hc, yc, weight, temp))
+        if with_entropy:
+            ents.append(_chunk_entropy(hc.detach(), weight, temp))
+    logp = torch.cat(logps).view(n, t)
+    return logp, (torch.cat(ents).view(n, t) if with_entropy else None)
+
+
 def completion_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         position_ids: torch.Tensor, prompt_width: int, temperature: float = 1.0,
-                        chunk_rows: int = 16, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        chunk_tokens: int = 4096, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(token_t | prefix) for completion columns, [N, C]; entropy [N, C] if asked.
 
     Logits are divided by the sampling temperature so they describe the distribution that was sampled.
@@ -21,16 +59,6 @@ def completion_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attenti
     decoder, head = _decoder_and_head(model)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                      use_cache=False).last_hidden_state
-    h = hidden[:, prompt_width - 1:-1]
-    targets = input_ids[:, prompt_width:]
-    t = temperature if temperature > 0 else 1.0
-    logps, ents = [], []
-    for i in range(0, h.shape[0], chunk_rows):
-        logits = head(h[i:i + chunk_rows]).float() / t
-        lse = torch.logsumexp(logits, -1)
-        logps.append(logits.gather(-1, targets[i:i + chunk_rows].unsqueeze(-1)).squeeze(-1) - lse)
-        if with_entropy:
-            with torch.no_grad():
-                p = (logits - lse.unsqueeze(-1)).exp()
-                ents.append(lse - (p * logits).sum(-1))
-    return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
+    head = getattr(head, "modules_to_save", {}).get("default", head) if hasattr(head, "modules_to_save") else head
+    return token_logprobs(hidden[:, prompt_width - 1:-1], head, input_ids[:, prompt_width:], temperature,
+                          chunk_tokens, with_entropy)

@@ -166,7 +166,8 @@ def run_grpo(cfg: AlignConfig) -> dict:
         start, extra = ckpt.load(found, policy, optimizer, scheduler)
         stream.position = extra["data_position"]
         rundir.truncate_metrics(run_dir, start)
-        engine.update_weights(policy.merged_state_dict())
+        with policy.merged_weights(only_adapted=True) as weights:
+            engine.update_weights(weights)
         log.info("resumed from %s (step %d)", found, start)
     before = extra.get("held_out_before") or _held_out(cfg, engine, policy, held)
     metrics_log = rundir.MetricsLogger(run_dir, cfg.output.tensorboard)
@@ -210,7 +211,8 @@ def run_grpo(cfg: AlignConfig) -> dict:
             else:
                 bad = 0
             t = time.perf_counter()
-            engine.update_weights(policy.merged_state_dict())
+            with policy.merged_weights(only_adapted=True) as weights:
+                engine.update_weights(weights)
             m["time/sync"] = time.perf_counter() - t
             m["time/step"] = time.perf_counter() - t_step
             m["throughput/rollout_tok_s"] = m["completion/tokens"] / max(m["time/rollout"], 1e-9)

@@ -43,17 +43,18 @@ def test_greedy_matches_hf_before_and_after_sync(setup):
     assert _greedy(engine, prompts) == _greedy(hf, prompts)
     _perturb(policy, 0)
     assert _greedy(engine, prompts) != _greedy(hf, prompts), "perturbation should change greedy output"
-    secs = engine.update_weights(policy.merged_state_dict())
+    adapted = policy.merged_state_dict(only_adapted=True)
+    assert 0 < len(adapted) < len(policy.merged_state_dict()), "only adapter-reachable weights travel"
+    assert not any("norm" in k or "embed" in k or k.endswith("mlp.gate.weight") for k in adapted)
+    secs = engine.update_weights(adapted)
     assert _greedy(engine, prompts) == _greedy(hf, prompts)
-    assert engine.last_sync["tensors"] > 0 and secs < 30
-    engine.update_weights(policy.merged_state_dict())
-    assert engine.last_sync["tensors"] == 0, "unchanged weights must not be pushed again"
+    assert engine.last_sync["tensors"] == len(adapted) and secs < 30
 
 
 def test_sampling_logprobs_match_trainer(setup):
     policy, engine, prompts = setup
     _perturb(policy, 1)
-    engine.update_weights(policy.merged_state_dict())
+    engine.update_weights(policy.merged_state_dict(only_adapted=True))
     out = engine.generate(prompts, SamplingSettings(n=4, temperature=1.0, max_new_tokens=16, seed=3))
     comps = [c for ro in out for c in ro.completions]
     pids = [ro.prompt_ids for ro in out for _ in ro.completions]
