@@ -109,23 +109,28 @@ class ExpertMonitor:
 
     def _hook(self, layer: int):
         def hook(module, inputs, output):
-            if not (self.active and module.training) or self._seen.get(layer) == self._pass:
+            if not (self.active and module.training):
                 return
+            # A second call in the same pass is gradient-checkpoint recomputation: it must build the
+            # same autograd graph (or checkpointing fails) but must not count tokens again.
+            first = self._seen.get(layer) != self._pass
             self._seen[layer] = self._pass
             logits, _, idx = output
             if self._mask is not None and self._mask.numel() == idx.shape[0]:
                 logits, idx = logits[self._mask], idx[self._mask]
-            probs = logits.float().softmax(-1)
-            with torch.no_grad():
-                self.counts[layer] += torch.bincount(idx.reshape(-1), minlength=self.num_experts).cpu()
-                ent = -(probs * probs.clamp_min(1e-20).log()).sum(-1)
-                self.entropy_sum[layer] += float(ent.sum())
-                self.tokens[layer] += idx.shape[0]
             if torch.is_grad_enabled() and (self.alpha1 or self.alpha2):
+                probs = logits.float().softmax(-1)
                 loss = self.alpha1 * expert_balance_loss(probs, idx, self.num_experts) if self.alpha1 else 0.0
                 if self.alpha2:
                     loss = loss + self.alpha2 * device_balance_loss(probs, idx, self.num_experts, self.num_devices)
-                self._aux.append(loss)
+                if first:
+                    self._aux.append(loss)
+            if first:
+                with torch.no_grad():
+                    p = logits.float().softmax(-1)
+                    self.counts[layer] += torch.bincount(idx.reshape(-1), minlength=self.num_experts).cpu()
+                    self.entropy_sum[layer] += float(-(p * p.clamp_min(1e-20).log()).sum(-1).sum())
+                    self.tokens[layer] += idx.shape[0]
         return hook
 
     def pop_aux_loss(self) -> torch.Tensor | None:

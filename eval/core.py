@@ -19,6 +19,15 @@ def evaluate(engine, tokenizer, rows: list[dict], weights: dict[str, float], set
              ks: list[int] = (1,), columns: tuple[str, ...] = ("answer",)) -> EvalResult:
     """Score ``settings.n`` completions per row; accuracy = mean fraction of correct samples (pass@1)."""
     prompts = render_prompts(tokenizer, [r["prompt"] for r in rows])
+    limit = getattr(engine, "max_len", None)
+    fits = [not limit or len(p) + settings.max_new_tokens <= limit for p in prompts]
+    if not all(fits):
+        rows = [r for r, ok in zip(rows, fits) if ok]
+        prompts = [p for p, ok in zip(prompts, fits) if ok]
+    too_long = len(fits) - sum(fits)
+    if not rows:
+        return EvalResult({"num_prompts": 0, "skipped_too_long": too_long, "accuracy": 0.0, "accuracy_stderr": 0.0,
+                           "unscorable": 0}, [])
     rollouts = engine.generate(prompts, settings)
     completions, cols = [], {c: [] for c in columns}
     for row, ro in zip(rows, rollouts):
@@ -45,7 +54,8 @@ def evaluate(engine, tokenizer, rows: list[dict], weights: dict[str, float], set
                 "finish_reason": comp.finish_reason,
             })
     acc, se = mean_and_stderr(first)
-    summary = {"num_prompts": len(rows), "n": n, "accuracy": acc, "accuracy_stderr": se, "unscorable": unscorable}
+    summary = {"num_prompts": len(rows), "n": n, "accuracy": acc, "accuracy_stderr": se, "unscorable": unscorable,
+               "skipped_too_long": too_long}
     for k, vals in passk.items():
         if vals:
             summary[f"pass@{k}"], summary[f"pass@{k}_stderr"] = mean_and_stderr(vals)

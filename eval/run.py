@@ -83,6 +83,8 @@ def format_table(table: dict[str, dict[str, dict]], ks: list[int]) -> str:
         for t in tasks:
             s = row.get(t, {})
             cell = f"{100 * s.get('accuracy', 0):.1f} ± {100 * s.get('accuracy_stderr', 0):.1f}"
+            if s.get("skipped_too_long"):
+                cell += f" ({s['skipped_too_long']} too long)"
             cell += "".join(f", pass@{k} {100 * s[f'pass@{k}']:.1f}" for k in ks if k > 1 and f"pass@{k}" in s)
             cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")

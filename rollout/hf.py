@@ -18,6 +18,7 @@ class HFEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.max_len = getattr(model.config, "max_position_embeddings", None)
 
     @torch.no_grad()
     def _batch(self, prompts: list[list[int]], s: SamplingSettings) -> list[list[Completion]]:

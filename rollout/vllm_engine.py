@@ -83,6 +83,7 @@ class VLLMEngine:
         from vllm import LLM
 
         threads = torch.get_num_threads()
+        self.max_len = max_model_len
         self.sleep_mode = torch.cuda.is_available() if sleep_mode is None else sleep_mode
         self.llm = LLM(
             model=model_path,

@@ -37,10 +37,12 @@ def reference_run(sft_checkpoint, tmp_path_factory):
 def test_grpo_run_writes_chat_rl_checkpoint(reference_run):
     rows = read_metrics(reference_run)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    for key in ("reward/math", "reward/std", "actor/clipfrac", "actor/entropy", "actor/grad_norm", "completion/len_mean",
-                "mismatch/abs_logp_mean", "moe/layer1/cv", "time/rollout", "time/update", "time/sync"):
-        assert key in rows[-1], key
-    assert rows[0]["mismatch/abs_logp_mean"] < 1e-3, "rollout and trainer logprobs agree at step 1"
+    for key in ("reward/math", "reward/std", "completion/len_mean", "time/rollout", "time/update", "time/sync"):
+        assert all(key in r for r in rows), key
+    for key in ("actor/clipfrac", "actor/entropy", "actor/grad_norm", "mismatch/abs_logp_mean", "moe/layer1/cv"):
+        assert any(key in r for r in rows), key
+    first = next(r for r in rows if "mismatch/abs_logp_mean" in r)
+    assert first["mismatch/abs_logp_mean"] < 1e-3, "rollout and trainer logprobs agree before any update"
     summary = json.loads((reference_run / "summary.json").read_text())
     assert summary["engine"] == "vllm" and (reference_run / "final" / "adapter_config.json").exists()
     assert (reference_run / "plots" / "expert_load_grpo.png").exists()

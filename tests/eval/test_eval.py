@@ -71,3 +71,12 @@ def test_table_has_one_row_per_checkpoint():
     text = format_table({"sft": {"synthetic": {"accuracy": 0.5, "accuracy_stderr": 0.1}},
                          "rl": {"synthetic": {"accuracy": 0.75, "accuracy_stderr": 0.1}}}, [1])
     assert "| sft | 50.0 ± 10.0 |" in text and "| rl | 75.0 ± 10.0 |" in text
+
+
+def test_prompts_longer_than_the_context_are_skipped_and_counted():
+    task, rows = load_task("synthetic", limit=4)
+    engine = OracleEngine([r["messages"][1]["content"] for r in rows])
+    engine.max_len = 10
+    tok = type("T", (), {"apply_chat_template": lambda self, m, **k: [0] * (5 if "1" in m[0]["content"] else 50)})()
+    res = evaluate(engine, tok, rows, task.rewards, SamplingSettings(n=1, temperature=0.0, max_new_tokens=4))
+    assert res.summary["skipped_too_long"] + res.summary["num_prompts"] == 4
