@@ -25,7 +25,7 @@ demo: setup
 	$(ALIGN) sft recipes/tiny_sft.yaml output.overwrite=true
 	$(ALIGN) grpo recipes/tiny_math_rl.yaml output.overwrite=true
 	$(ALIGN) eval tiny runs/tiny_sft/final runs/tiny_math_rl/final --tasks synthetic --recipe recipes/tiny_math_rl.yaml --out runs/eval
-	$(ALIGN) report runs/tiny_sft runs/tiny_math_rl --out runs/report
+	$(ALIGN) report runs/tiny_sft runs/tiny_math_rl --eval runs/eval --out runs/report
 	@echo "report: runs/report/report.md   eval table: runs/eval/table.md"
 
 test: setup

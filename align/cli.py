@@ -57,7 +57,7 @@ def cmd_eval(args) -> int:
 def cmd_report(args) -> int:
     from eval.report import write_report
 
-    print(write_report(args.run_dirs, args.out))
+    print(write_report(args.run_dirs, args.out, args.eval))
     return 0
 
 
@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="plots and a markdown summary of one or more runs")
     r.add_argument("run_dirs", nargs="+")
     r.add_argument("--out", default=None, help="report directory (default: the first run dir)")
+    r.add_argument("--eval", default=None, help="an `align eval --out` directory whose table to include")
     r.set_defaults(fn=cmd_report)
     m = sub.add_parser("merge", help="fold a LoRA checkpoint into a full Hugging Face model")
     m.add_argument("checkpoint")

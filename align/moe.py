@@ -25,6 +25,14 @@ def find_routers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
     return routers
 
 
+def _decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that runs the decoder layers: every forward path (LM head or not) passes through it."""
+    for mod in model.modules():
+        if hasattr(mod, "layers") and hasattr(mod, "embed_tokens"):
+            return mod
+    return model
+
+
 def expert_balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     """DeepSeek-V2 expert-level balance loss term  sum_i f_i P_i  for one layer (before alpha1).
 
@@ -69,8 +77,8 @@ def balance_stats(counts: torch.Tensor, dead_threshold: float = 0.0) -> dict[str
 class ExpertMonitor:
     """Counts routed tokens per layer and expert during training-mode forward passes.
 
-    Padding is excluded: a pre-hook on the model reads ``attention_mask``. Each model forward is
-    one pass; a router firing again in the same pass (gradient-checkpoint recomputation) is ignored.
+    Padding is excluded: a pre-hook on the decoder reads ``attention_mask``. Each decoder forward is
+    one pass; a router firing again in the same pass (gradient-checkpoint recomputation) is not counted.
     """
 
     model: torch.nn.Module
@@ -97,7 +105,7 @@ class ExpertMonitor:
         self.top_k = self.routers[0][1].top_k
         if self.num_experts % self.num_devices:
             raise ValueError(f"monitor.num_devices={self.num_devices} must divide {self.num_experts} experts")
-        self._handles.append(self.model.register_forward_pre_hook(self._on_model, with_kwargs=True))
+        self._handles.append(_decoder(self.model).register_forward_pre_hook(self._on_model, with_kwargs=True))
         for layer, router in self.routers:
             self._handles.append(router.register_forward_hook(self._hook(layer)))
         self.reset()

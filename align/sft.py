@@ -106,24 +106,13 @@ def sft_args(cfg: AlignConfig, ckpt_dir: Path, run_dir: Path) -> SFTConfig:
 
 
 def held_out_accuracy(policy: Policy, rows: list[dict], cfg: AlignConfig) -> dict:
-    """Greedy exact-match accuracy (math verifier) on held-out chat rows."""
-    from eval.core import evaluate
-    from rollout.base import SamplingSettings
+    """Greedy and sampled accuracy (math verifier) on held-out chat rows, through the HF engine."""
+    from eval.core import held_out_summary
     from rollout.hf import HFEngine
 
-    if not rows:
-        return {}
-    rows = rows[: cfg.eval.num_samples or len(rows)]
     prompts = [{**r, "prompt": [m for m in r["messages"] if m["role"] != "assistant"]} for r in rows]
-    engine = HFEngine(policy.model, policy.tokenizer)
-    out = {}
-    for name, temp, n in (("greedy", 0.0, 1), ("sampled", cfg.eval.temperature, cfg.eval.n)):
-        if name == "sampled" and temp <= 0:
-            continue
-        settings = SamplingSettings(n=n, temperature=temp, max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.train.seed)
-        summary = evaluate(engine, policy.tokenizer, prompts, {"math": 1.0}, settings, ks=cfg.eval.k).summary
-        out.update({f"{name}_{k}": v for k, v in summary.items()})
-    return out
+    return held_out_summary(HFEngine(policy.model, policy.tokenizer), policy.tokenizer, prompts, {"math": 1.0},
+                            cfg.eval, cfg.train.seed)
 
 
 def run_sft(cfg: AlignConfig) -> dict:

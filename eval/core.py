@@ -60,3 +60,19 @@ def evaluate(engine, tokenizer, rows: list[dict], weights: dict[str, float], set
         if vals:
             summary[f"pass@{k}"], summary[f"pass@{k}_stderr"] = mean_and_stderr(vals)
     return EvalResult(summary, samples)
+
+
+def held_out_summary(engine, tokenizer, rows: list[dict], weights: dict[str, float], eval_cfg, seed: int) -> dict:
+    """Greedy accuracy plus sampled pass@1/pass@k (``eval_cfg.n`` samples at ``eval_cfg.temperature``),
+    flattened as ``greedy_*`` / ``sampled_*`` — the before/after numbers of every training run."""
+    if not rows:
+        return {}
+    rows = rows[: eval_cfg.num_samples or len(rows)]
+    out = {}
+    for name, temp, n in (("greedy", 0.0, 1), ("sampled", eval_cfg.temperature, eval_cfg.n)):
+        if name == "sampled" and temp <= 0:
+            continue
+        settings = SamplingSettings(n=n, temperature=temp, max_new_tokens=eval_cfg.max_new_tokens, seed=seed)
+        summary = evaluate(engine, tokenizer, rows, weights, settings, ks=[k for k in eval_cfg.k if k <= n]).summary
+        out.update({f"{name}_{k}": v for k, v in summary.items()})
+    return out

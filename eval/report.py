@@ -40,7 +40,7 @@ def _layer_series(rows: list[dict], stat: str) -> dict[str, list[tuple[float, fl
     return {l: [(r["step"], r[f"moe/{l}/{stat}"]) for r in rows if f"moe/{l}/{stat}" in r] for l in layers}
 
 
-def write_report(run_dirs: list[str], out: str | None = None) -> str:
+def write_report(run_dirs: list[str], out: str | None = None, eval_dir: str | None = None) -> str:
     runs = {}
     for d in run_dirs:
         p = Path(d)
@@ -50,6 +50,11 @@ def write_report(run_dirs: list[str], out: str | None = None) -> str:
     out_dir = Path(out or run_dirs[0])
     figs = out_dir / "plots"
     lines = [f"# align report: {', '.join(runs)}", ""]
+    if eval_dir:
+        table = Path(eval_dir) / "table.md"
+        if not table.is_file():
+            raise AlignError(f"--eval {eval_dir}: no table.md (run align eval --out {eval_dir} first)")
+        lines += ["## evaluation (`align eval`)", "", table.read_text().strip(), ""]
     for key, title, keys in PANELS:
         series = _series(runs, keys)
         if series:

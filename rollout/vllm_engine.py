@@ -80,7 +80,11 @@ class VLLMEngine:
                  gpu_memory_utilization: float = 0.3, tensor_parallel_size: int = 1,
                  enforce_eager: bool = True, seed: int = 0, sleep_mode: bool | None = None):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
+
+        # Partial in-place reloads are intended; vLLM warns about every layer not in the iterator.
+        logging.getLogger("vllm.model_executor.model_loader.reload").setLevel(logging.ERROR)
 
         threads = torch.get_num_threads()
         self.max_len = max_model_len

@@ -26,7 +26,7 @@ from align.grpo.batch import build_batch
 from align.grpo.update import fill_old_and_ref, policy_update
 from align.moe import ExpertMonitor, RouterReplay
 from align.policy import Policy, load_policy
-from eval.core import evaluate
+from eval.core import held_out_summary
 from rewards import Combined, configure
 from rollout import SamplingSettings, make_engine, render_prompts
 
@@ -110,17 +110,7 @@ def _rollout_phase(cfg: AlignConfig, engine, tokenizer, rows_all, stream, reward
 
 
 def _held_out(cfg: AlignConfig, engine, policy: Policy, rows: list[dict]) -> dict:
-    if not rows:
-        return {}
-    rows = rows[: cfg.eval.num_samples or len(rows)]
-    out = {}
-    for name, temp, n in (("greedy", 0.0, 1), ("sampled", cfg.eval.temperature, cfg.eval.n)):
-        if name == "sampled" and temp <= 0:
-            continue
-        settings = SamplingSettings(n=n, temperature=temp, max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.rollout.seed)
-        summary = evaluate(engine, policy.tokenizer, rows, dict(cfg.rewards.functions), settings, ks=cfg.eval.k).summary
-        out.update({f"{name}_{k}": v for k, v in summary.items()})
-    return out
+    return held_out_summary(engine, policy.tokenizer, rows, dict(cfg.rewards.functions), cfg.eval, cfg.rollout.seed)
 
 
 def _setup(cfg: AlignConfig, run_dir: Path):

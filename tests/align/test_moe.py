@@ -85,3 +85,17 @@ def test_router_replay_forces_recorded_routing():
     for (key, layer), idx in recorded.items():
         assert layer in dict(replay.routers)
     assert replay.total == 0
+
+
+def test_counts_every_pass_through_the_decoder_directly():
+    """GRPO's log-prob path calls the decoder without the LM head; each call is a new pass."""
+    p = load_policy(ModelConfig(), LoraConfig())
+    mon = ExpertMonitor(p.model)
+    p.model.train()
+    decoder = p.model.get_base_model().model
+    for _ in range(3):
+        decoder(input_ids=torch.randint(10, 90, (2, 5)))
+    assert all(int(c.sum()) == 3 * 10 * 2 for c in mon.counts.values())
+    mon.summary()
+    decoder(input_ids=torch.randint(10, 90, (1, 4)))
+    assert mon.summary() and len(mon.history) == 2

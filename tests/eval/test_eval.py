@@ -80,3 +80,22 @@ def test_prompts_longer_than_the_context_are_skipped_and_counted():
     tok = type("T", (), {"apply_chat_template": lambda self, m, **k: [0] * (5 if "1" in m[0]["content"] else 50)})()
     res = evaluate(engine, tok, rows, task.rewards, SamplingSettings(n=1, temperature=0.0, max_new_tokens=4))
     assert res.summary["skipped_too_long"] + res.summary["num_prompts"] == 4
+
+
+def test_report_writes_pngs_and_embeds_eval_table(tmp_path):
+    from eval.report import write_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "reward/mean": 0.1 * s, "actor/clipfrac": 0.01, "moe/layer1/cv": 0.5, "moe/layer1/maxvio": 1.0,
+             "moe/cv_mean": 0.5, "time/rollout": 1.0} for s in range(1, 6)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "moe_history.json").write_text(json.dumps([{"1": [5, 3, 0, 2]}, {"1": [3, 3, 2, 2]}]))
+    ev = tmp_path / "ev"
+    ev.mkdir()
+    (ev / "table.md").write_text("| checkpoint | synthetic |\n|---|---|\n| rl | 50.0 ± 1.0 |\n")
+    report = write_report([str(run)], str(tmp_path / "rep"), str(ev))
+    text = open(report).read()
+    assert "| rl | 50.0 ± 1.0 |" in text
+    for png in ("reward.png", "clipfrac.png", "run_experts_start.png", "run_experts_end.png", "run_layer_cv.png"):
+        assert (tmp_path / "rep" / "plots" / png).stat().st_size > 1000, png

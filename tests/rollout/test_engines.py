@@ -29,19 +29,19 @@ def _greedy(engine, prompts, n=1):
     return [[c.token_ids for c in ro.completions] for ro in out]
 
 
-def _perturb(policy, seed):
+def _perturb(policy, seed, scale=0.02):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in policy.model.named_parameters():
             if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
 def test_greedy_matches_hf_before_and_after_sync(setup):
     policy, engine, prompts = setup
     hf = HFEngine(policy.model, policy.tokenizer)
     assert _greedy(engine, prompts) == _greedy(hf, prompts)
-    _perturb(policy, 0)
+    _perturb(policy, 0, scale=0.2)
     assert _greedy(engine, prompts) != _greedy(hf, prompts), "perturbation should change greedy output"
     adapted = policy.merged_state_dict(only_adapted=True)
     assert 0 < len(adapted) < len(policy.merged_state_dict()), "only adapter-reachable weights travel"
