@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 
 def find_routers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -45,8 +44,9 @@ class AlignSFTTrainer(SFTTrainer):
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if self.monitor is not None and "loss" in logs:
             logs.update(self.monitor.summary())
-            if getattr(self, "_aux_total", None) is not None and hasattr(self, "_aux_total"):
-                logs["moe/balance_loss"] = self._aux_total / max(1, self.args.logging_steps * self.args.gradient_accumulation_steps)
+            if hasattr(self, "_aux_total"):
+                passes = max(1, self.args.logging_steps * self.args.gradient_accumulation_steps)
+                logs["moe/balance_loss"] = self._aux_total / passes
                 self._aux_total = 0.0
         super().log(logs, start_time)
         if self.metrics is not None:
@@ -73,7 +73,6 @@ def _dataset(rows: list[dict], messages_field: str) -> Dataset:
 
 def sft_args(cfg: AlignConfig, ckpt_dir: Path, run_dir: Path) -> SFTConfig:
     t = cfg.train
-    conversational = True
     return SFTConfig(
         output_dir=str(ckpt_dir),
         learning_rate=t.learning_rate,
@@ -93,7 +92,7 @@ def sft_args(cfg: AlignConfig, ckpt_dir: Path, run_dir: Path) -> SFTConfig:
         save_total_limit=t.save_total_limit,
         max_length=cfg.data.max_length,
         packing=cfg.data.packing,
-        assistant_only_loss=conversational,
+        assistant_only_loss=True,
         report_to=[],
         disable_tqdm=True,
         bf16=cfg.model.dtype == "bfloat16" and torch.cuda.is_available(),

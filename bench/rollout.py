@@ -38,9 +38,9 @@ def tokens_per_s(engine, prompts, settings, repeats=3) -> float:
     return best
 
 
-def main() -> None:
+def measure_shape(shape: str) -> dict:
     results = {}
-    for shape, tiny in SHAPES.items():
+    for shape, tiny in [(shape, SHAPES[shape])]:
         policy = load_policy(ModelConfig(tiny=tiny), LoraConfig(r=16))
         with tempfile.TemporaryDirectory() as d:
             policy.save_merged(d)
@@ -62,7 +62,21 @@ def main() -> None:
             entry["sync_s"] = engine.update_weights(sd)
             entry["synced_params"] = engine.last_sync["params"]
             results[shape] = entry
-            del engine
+    return results[shape]
+
+
+def main() -> None:
+    """Each shape in its own process: a second in-process vLLM engine cannot get KV memory back."""
+    import json
+    import subprocess
+
+    if len(sys.argv) > 1:
+        print("RESULT " + json.dumps(measure_shape(sys.argv[1])))
+        return
+    results = {}
+    for shape in SHAPES:
+        out = subprocess.run([sys.executable, __file__, shape], capture_output=True, text=True, check=True).stdout
+        results[shape] = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
     write("rollout_cpu", results)
 
 

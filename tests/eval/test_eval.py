@@ -1,6 +1,5 @@
 import itertools
 import json
-import random
 
 import pytest
 
@@ -39,19 +38,12 @@ class Tok:
         return [len(messages)]
 
 
-def _reference(task, row):
-    ref = row[task.reference]
-    if task.name == "gsm8k":
-        return ref  # ends in "#### x"
-    return ref
-
-
 @pytest.mark.parametrize("name", list(TASKS))
 def test_shipped_samples_score_exactly(name):
     task, rows = load_task(f"{name}:sample")
     assert rows, name
     cols = tuple(dict.fromkeys(c for r in task.rewards for c in COLUMNS[r]))
-    good = evaluate(OracleEngine([_reference(task, r) for r in rows]), Tok(), rows, task.rewards,
+    good = evaluate(OracleEngine([r[task.reference] for r in rows]), Tok(), rows, task.rewards,
                     SamplingSettings(n=1, temperature=0.0), columns=cols)
     assert good.summary["accuracy"] == 1.0 and good.summary["unscorable"] == 0, good.samples[:2]
     bad = evaluate(OracleEngine(["#### -12345" if "math" in task.rewards else "    return None\n"] * len(rows)), Tok(),
