@@ -7,11 +7,13 @@ training and counted, never silently given 1.0.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
 from rewards.pool import TimeoutPool
 
+log = logging.getLogger(__name__)
 Scorer = Callable[..., "tuple[float | None, str]"]
 _REGISTRY: dict[str, "Reward"] = {}
 _POOLS: dict[tuple, TimeoutPool] = {}
@@ -124,6 +126,7 @@ class Combined:
             except KeyError:
                 raise
             except Exception as e:  # a crashing verifier must not kill training: score 0, log
+                log.warning("reward %r raised %s: %s; scoring this batch 0 for it", name, type(e).__name__, e)
                 detail = [(0.0, f"reward error: {type(e).__name__}: {e}")] * len(completions)
             per[name] = [s for s, _ in detail]
             reasons[name] = [r for _, r in detail]

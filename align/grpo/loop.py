@@ -113,6 +113,18 @@ def _held_out(cfg: AlignConfig, engine, policy: Policy, rows: list[dict]) -> dic
     return held_out_summary(engine, policy.tokenizer, rows, dict(cfg.rewards.functions), cfg.eval, cfg.rollout.seed)
 
 
+def _within_length(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
+    """Drop prompts longer than ``data.max_length`` tokens, saying how many."""
+    lengths = [len(ids) for ids in render_prompts(tokenizer, [r["prompt"] for r in rows])]
+    kept = [r for r, n in zip(rows, lengths) if n <= max_length]
+    if len(kept) < len(rows):
+        log.warning("dropped %d of %d prompts longer than data.max_length=%d tokens", len(rows) - len(kept),
+                    len(rows), max_length)
+    if not kept:
+        raise AlignError(f"data.max_length={max_length}: every prompt is longer (shortest: {min(lengths)} tokens)")
+    return kept
+
+
 def _setup(cfg: AlignConfig, run_dir: Path):
     policy = load_policy(cfg.model, cfg.lora)
     if not policy.trainable_parameter_names():
@@ -144,8 +156,9 @@ def run_grpo(cfg: AlignConfig) -> dict:
     rewards = Combined(dict(cfg.rewards.functions))
     adv_fn = get_advantage(cfg.grpo.advantage)
     # Start the scoring workers (fork) before the engine starts its threads.
-    rewards.score([""], **{k: [rows[0].get(k)] for k in ("answer",) if k in rows[0]})
+    rewards.score([""], **{k: [rows[0].get(k)] for k in ("answer",) if rows[0].get(k) is not None})
     policy, engine, optimizer, scheduler = _setup(cfg, run_dir)
+    rows = _within_length(rows, policy.tokenizer, cfg.data.max_length)
     monitor = ExpertMonitor(policy.model, cfg.monitor.balance_alpha1, cfg.monitor.balance_alpha2,
                             cfg.monitor.num_devices, cfg.monitor.dead_threshold) if cfg.monitor.enabled else None
     replay = RouterReplay(policy.model) if cfg.grpo.router_replay else None
