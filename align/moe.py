@@ -175,12 +175,6 @@ class ExpertMonitor:
             self.reset()
         return out
 
-    def load_matrix(self, entry: int = -1) -> tuple[list[int], list[list[float]]]:
-        """(layers, per-layer load shares) of one recorded summary, for heatmaps."""
-        snap = self.history[entry]
-        layers = sorted(snap)
-        return layers, [[c / max(1, sum(snap[l])) for c in snap[l]] for l in layers]
-
     def remove(self) -> None:
         for h in self._handles:
             h.remove()

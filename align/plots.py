@@ -27,11 +27,17 @@ def heatmap(matrix: list[list[float]], layers: list[int], path: Path, title: str
     return path
 
 
+def share_matrix(snapshot: dict) -> tuple[list[int], list[list[float]]]:
+    """{layer: per-expert token counts} (int or str keys) -> (layers, per-layer load shares)."""
+    layers = sorted(snapshot, key=int)
+    return [int(l) for l in layers], [[c / max(1, sum(snapshot[l])) for c in snapshot[l]] for l in layers]
+
+
 def expert_heatmap(monitor, path: Path, title: str) -> Path:
     """Heatmap of the load summed over everything the monitor recorded."""
-    layers = sorted(monitor.history[0])
-    totals = {l: [sum(h[l][e] for h in monitor.history) for e in range(len(monitor.history[0][l]))] for l in layers}
-    matrix = [[c / max(1, sum(totals[l])) for c in totals[l]] for l in layers]
+    first = monitor.history[0]
+    totals = {l: [sum(h[l][e] for h in monitor.history) for e in range(len(first[l]))] for l in first}
+    layers, matrix = share_matrix(totals)
     return heatmap(matrix, layers, path, title)
 
 

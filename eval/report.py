@@ -80,9 +80,8 @@ def _run_section(run: Path, figs: Path) -> list[str]:
     if hist.is_file():
         history = json.loads(hist.read_text())
         for label, snap in (("start", history[0]), ("end", history[-1])):
-            layers = sorted(snap, key=int)
-            matrix = [[c / max(1, sum(snap[l])) for c in snap[l]] for l in layers]
-            path = plots.heatmap(matrix, [int(l) for l in layers], figs / f"{run.name}_experts_{label}.png",
+            layers, matrix = plots.share_matrix(snap)
+            path = plots.heatmap(matrix, layers, figs / f"{run.name}_experts_{label}.png",
                                  f"{run.name}: expert load at {label}")
             lines.append(f"![experts {label}](plots/{path.name})")
         lines.append("")

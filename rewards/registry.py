@@ -50,10 +50,12 @@ class Reward:
     """Run each sample in a killable worker process with the time limit."""
     batch: Callable | None = None
     """Optional whole-batch implementation (e.g. the sandbox pool); overrides per-sample calls."""
+    optional: tuple[str, ...] = ()
+    """Columns passed when present; their absence is not an error."""
 
     def detailed(self, completions: list[str], **columns) -> list[tuple[float | None, str]]:
         rows = [{c: columns[c][i] for c in self.columns if c in columns} for i in range(len(completions))]
-        missing = [c for c in self.columns if c not in columns and c not in _OPTIONAL.get(self.name, ())]
+        missing = [c for c in self.columns if c not in columns and c not in self.optional]
         if missing:
             raise KeyError(f"reward {self.name!r} needs dataset column(s) {missing}")
         if self.batch is not None:
@@ -67,14 +69,10 @@ class Reward:
         return [s for s, _ in self.detailed(completions, **columns)]
 
 
-_OPTIONAL: dict[str, tuple[str, ...]] = {}
-
-
 def register_reward(name: str, columns: tuple[str, ...] = (), isolated: bool = True,
                     optional: tuple[str, ...] = (), batch: Callable | None = None):
     def deco(scorer: Scorer) -> Scorer:
-        _REGISTRY[name] = Reward(name, scorer, columns + optional, isolated, batch)
-        _OPTIONAL[name] = optional
+        _REGISTRY[name] = Reward(name, scorer, columns + optional, isolated, batch, optional)
         return scorer
     return deco
 

@@ -6,7 +6,7 @@ row's completion occupies columns P..P+C-1 and a single slice selects all comple
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -23,7 +23,6 @@ class UpdateBatch:
     truncated: torch.Tensor        # [N] bool
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
-    extras: dict = field(default_factory=dict)
 
     @property
     def size(self) -> int:

@@ -192,9 +192,7 @@ def run_grpo(cfg: AlignConfig) -> dict:
                 continue
             t = time.perf_counter()
             if need_old or cfg.grpo.beta > 0:
-                fill_old_and_ref(policy, batch, cfg.grpo, cfg.rollout.temperature, replay)
-                if not need_old:
-                    batch.old_logp = None
+                fill_old_and_ref(policy, batch, cfg.grpo, cfg.rollout.temperature, replay, need_old)
             m["time/logprobs"] = time.perf_counter() - t
             t = time.perf_counter()
             um, finite = policy_update(policy, batch, cfg.grpo, optimizer, scheduler, cfg.rollout.temperature,

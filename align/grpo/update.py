@@ -18,8 +18,10 @@ def _logp(model, b: UpdateBatch, temperature: float, entropy: bool = False):
 
 
 @torch.no_grad()
-def fill_old_and_ref(policy, batch: UpdateBatch, cfg: GRPOConfig, temperature: float, replay=None) -> None:
-    """Old-policy log-probs (recording routing for replay) and reference log-probs (adapter off)."""
+def fill_old_and_ref(policy, batch: UpdateBatch, cfg: GRPOConfig, temperature: float, replay=None,
+                     need_old: bool = True) -> None:
+    """Old-policy log-probs (recording routing for replay) when ``need_old``, and reference log-probs
+    (adapter off) when beta > 0."""
     model = policy.model
     was = model.training
     model.eval()
@@ -27,15 +29,13 @@ def fill_old_and_ref(policy, batch: UpdateBatch, cfg: GRPOConfig, temperature: f
         olds, refs = [], []
         for k, idx in enumerate(minibatches(batch.size, cfg.minibatch_size)):
             mb = batch.rows(idx)
-            if replay is not None:
-                with replay("record", key=k):
+            if need_old:
+                with replay("record", key=k) if replay is not None else _nullctx():
                     olds.append(_logp(model, mb, temperature)[0])
-            else:
-                olds.append(_logp(model, mb, temperature)[0])
             if cfg.beta > 0:
                 with policy.reference():
                     refs.append(_logp(model, mb, temperature)[0])
-        batch.old_logp = torch.cat(olds)
+        batch.old_logp = torch.cat(olds) if olds else None
         batch.ref_logp = torch.cat(refs) if refs else None
     finally:
         model.train(was)
