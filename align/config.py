@@ -106,7 +106,7 @@ class TrainConfig:
     warmup_ratio: float = _f(0.03, "Fraction of steps warming up.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
-    batch_size: int = _f(8, "Sequences per device per micro-batch.")
+    batch_size: int = _f(8, "Sequences per micro-batch over all processes (each takes batch_size / processes).")
     grad_accum: int = _f(1, "Micro-batches per optimizer step.")
     epochs: float = _f(1.0, "Epochs over the training data (ignored when max_steps > 0).")
     max_steps: int = _f(-1, "Optimizer steps; -1 runs `epochs`.")
@@ -129,14 +129,14 @@ class MonitorConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = _f("auto", "auto (vLLM if importable, else hf), vllm, or hf.")
+    engine: str = _f("auto", "auto (vLLM if importable; else fast on a GPU, hf on the CPU), vllm, fast, or hf.")
     num_generations: int = _f(8, "Completions per prompt (group size G).")
     temperature: float = _f(1.0, "Sampling temperature.")
     top_p: float = _f(1.0, "Nucleus sampling.")
     max_new_tokens: int = _f(32, "Longest completion; longer ones finish with reason 'length'.")
     stop: list = _f([], "Extra stop strings.")
     gpu_memory_utilization: float = _f(0.3, "vLLM memory fraction (on CPU: share of the KV cache space).")
-    tensor_parallel_size: int = _f(1, "vLLM tensor parallel degree.")
+    tensor_parallel_size: int = _f(1, "vLLM tensor parallel degree; under several processes k consecutive ranks share one engine.")
     enforce_eager: bool = _f(True, "Disable vLLM CUDA graphs / compile (faster start, slower decode).")
     seed: int = _f(0, "Sampling seed.")
 
@@ -150,7 +150,7 @@ class RewardConfig:
 
 @dataclass
 class GRPOConfig:
-    prompts_per_step: int = _f(16, "Prompts B per step; B x G completions.")
+    prompts_per_step: int = _f(16, "Prompts B per step over all processes; B x G completions.")
     steps: int = _f(100, "GRPO steps.")
     advantage: str = _f("grpo", "Advantage estimator: grpo, dr_grpo, rloo.")
     loss: str = _f("grpo", "Policy loss: grpo, dr_grpo, dapo, gspo.")
@@ -159,7 +159,7 @@ class GRPOConfig:
     beta: float = _f(0.0, "KL coefficient to the reference (adapter disabled); 0 skips the reference pass.")
     kl_estimator: str = _f("k3", "KL estimator: k1, k2, k3.")
     mu: int = _f(1, "Update iterations per batch of rollouts.")
-    minibatch_size: int = _f(64, "Sequences per optimizer minibatch.")
+    minibatch_size: int = _f(64, "Sequences per optimizer minibatch over all processes.")
     dynamic_sampling: bool = _f(False, "Drop groups whose rewards are all equal.")
     mask_truncated: bool = _f(True, "Exclude completions cut at max_new_tokens from the loss.")
     tis_cap: float = _f(0.0, "Truncated importance-sampling cap for train/infer mismatch; 0 disables.")
@@ -284,7 +284,7 @@ def validate(cfg: AlignConfig) -> None:
         (cfg.lora.r > 0, "lora.r: must be > 0"),
         (cfg.train.batch_size > 0, "train.batch_size: must be > 0"),
         (cfg.train.learning_rate > 0, "train.learning_rate: must be > 0"),
-        (cfg.rollout.engine in ("auto", "vllm", "hf"), "rollout.engine: one of auto, vllm, hf"),
+        (cfg.rollout.engine in ("auto", "vllm", "fast", "hf"), "rollout.engine: one of auto, vllm, fast, hf"),
         (cfg.rollout.num_generations >= 1, "rollout.num_generations: must be >= 1"),
         (cfg.grpo.kl_estimator in ("k1", "k2", "k3"), "grpo.kl_estimator: one of k1, k2, k3"),
         (cfg.monitor.num_devices >= 1, "monitor.num_devices: must be >= 1"),

@@ -2,7 +2,9 @@
 
 Every loss takes per-token log-probs [N, T] of the current policy, the old (sampling) policy and
 optionally the reference, per-sequence advantages [N], and a completion mask [N, T]; it returns
-``(loss, metrics)``. Token losses are reduced by :func:`aggregate`, the one aggregation function.
+``(loss, metrics)``. Token losses are reduced by :func:`aggregate`, the one aggregation function;
+``norm={"num_seqs", "num_tokens"}`` (global minibatch counts) makes one rank's loss its additive
+share of the whole minibatch's loss in multi-process runs.
 """
 
 from __future__ import annotations
@@ -27,20 +29,26 @@ def get_loss(name: str) -> Callable:
     return LOSSES[name]
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, max_len: int | None = None) -> torch.Tensor:
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, max_len: int | None = None,
+              num_seqs: int | None = None, num_tokens: float | None = None) -> torch.Tensor:
     """Reduce [N, T] token losses to a scalar.
 
     - ``seq_mean_token_mean``: mean over sequences of each sequence's token mean (GRPO, DeepSeekMath).
     - ``token_mean``: one mean over all completion tokens of the batch (DAPO).
     - ``seq_mean_token_sum_norm``: sum over tokens / (N * max_len), a constant normalizer (Dr. GRPO).
+
+    ``num_seqs`` / ``num_tokens`` replace N and the mask's token count when this [N, T] is one rank's
+    part of a larger minibatch: the ranks' results then add up to the loss of the whole minibatch.
     """
     mask = mask.to(per_token.dtype)
+    n = per_token.shape[0] if num_seqs is None else num_seqs
     if mode == "seq_mean_token_mean":
-        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp_min(1)).mean()
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp_min(1)).sum() / max(n, 1)
     if mode == "token_mean":
-        return (per_token * mask).sum() / mask.sum().clamp_min(1)
+        denom = mask.sum().clamp_min(1) if num_tokens is None else max(num_tokens, 1.0)
+        return (per_token * mask).sum() / denom
     if mode == "seq_mean_token_sum_norm":
-        return (per_token * mask).sum() / (per_token.shape[0] * (max_len or per_token.shape[1]))
+        return (per_token * mask).sum() / (n * (max_len or per_token.shape[1]))
     raise ValueError(f"unknown aggregation {mode!r}")
 
 
@@ -74,7 +82,7 @@ def _clipped_pg(ratio, adv, eps_low, eps_high):
 
 
 def _token_objective(logp, old_logp, advantages, mask, eps_low, eps_high, ref_logp, beta, kl_estimator,
-                     tis_weights, mode, max_len):
+                     tis_weights, mode, max_len, norm):
     ratio = torch.exp(logp - old_logp)
     per_token, clip_hit = _clipped_pg(ratio, advantages, eps_low, eps_high)
     if tis_weights is not None:
@@ -84,39 +92,39 @@ def _token_objective(logp, old_logp, advantages, mask, eps_low, eps_high, ref_lo
         kl = kl_penalty(logp, ref_logp, kl_estimator)
         per_token = per_token + beta * kl
         metrics["actor/kl"] = _masked_mean(kl.detach(), mask)
-    loss = aggregate(per_token, mask, mode, max_len)
+    loss = aggregate(per_token, mask, mode, max_len, **(norm or {}))
     metrics["actor/pg_loss"] = float(loss.detach())
     return loss, metrics
 
 
 @register_loss("grpo")
 def grpo_loss(logp, old_logp, advantages, mask, *, epsilon=0.2, ref_logp=None, beta=0.0, kl_estimator="k3",
-              tis_weights=None, **_):
+              tis_weights=None, norm=None, **_):
     """GRPO (DeepSeekMath, arXiv:2402.03300, eq. 3): clipped ratio objective + beta*KL, token mean per
     sequence, then mean over sequences. logp/old_logp/ref_logp/mask: [N, T]; advantages: [N]."""
     return _token_objective(logp, old_logp, advantages, mask, epsilon, epsilon, ref_logp, beta, kl_estimator,
-                            tis_weights, "seq_mean_token_mean", None)
+                            tis_weights, "seq_mean_token_mean", None, norm)
 
 
 @register_loss("dr_grpo")
 def dr_grpo_loss(logp, old_logp, advantages, mask, *, epsilon=0.2, ref_logp=None, beta=0.0, kl_estimator="k3",
-                 tis_weights=None, max_len=None, **_):
+                 tis_weights=None, max_len=None, norm=None, **_):
     """Dr. GRPO (arXiv:2503.20783): token sum over a constant N * max_len, removing the length bias."""
     return _token_objective(logp, old_logp, advantages, mask, epsilon, epsilon, ref_logp, beta, kl_estimator,
-                            tis_weights, "seq_mean_token_sum_norm", max_len)
+                            tis_weights, "seq_mean_token_sum_norm", max_len, norm)
 
 
 @register_loss("dapo")
 def dapo_loss(logp, old_logp, advantages, mask, *, epsilon=0.2, epsilon_high=0.28, ref_logp=None, beta=0.0,
-              kl_estimator="k3", tis_weights=None, **_):
+              kl_estimator="k3", tis_weights=None, norm=None, **_):
     """DAPO (arXiv:2503.14476): clip-higher (eps_low, eps_high) and token-level mean over the batch."""
     return _token_objective(logp, old_logp, advantages, mask, epsilon, epsilon_high, ref_logp, beta, kl_estimator,
-                            tis_weights, "token_mean", None)
+                            tis_weights, "token_mean", None, norm)
 
 
 @register_loss("gspo")
 def gspo_loss(logp, old_logp, advantages, mask, *, epsilon=3e-4, epsilon_high=4e-4, ref_logp=None, beta=0.0,
-              kl_estimator="k3", tis_weights=None, **_):
+              kl_estimator="k3", tis_weights=None, norm=None, **_):
     """GSPO (Zheng et al. 2025, arXiv:2507.18071): sequence-level ratio
     s_i = exp(mean_t (logp - old_logp)), clipped objective per sequence, mean over sequences."""
     m = mask.to(logp.dtype)
@@ -130,7 +138,7 @@ def gspo_loss(logp, old_logp, advantages, mask, *, epsilon=3e-4, epsilon_high=4e
         kl = kl_penalty(logp, ref_logp, kl_estimator)
         per_token = per_token + beta * kl
         metrics["actor/kl"] = _masked_mean(kl.detach(), mask)
-    loss = aggregate(per_token, mask, "seq_mean_token_mean")
+    loss = aggregate(per_token, mask, "seq_mean_token_mean", num_seqs=(norm or {}).get("num_seqs"))
     metrics["actor/pg_loss"] = float(loss.detach())
     return loss, metrics
 

@@ -154,6 +154,18 @@ class ExpertMonitor:
             self.entropy_sum[layer] = 0.0
             self.tokens[layer] = 0
 
+    def merge_ranks(self, all_reduce_sum) -> None:
+        """Sum the counts of every rank (``all_reduce_sum``: float64 tensor -> summed tensor) so each
+        rank's summary describes the global batch; call on every rank."""
+        layers = [layer for layer, _ in self.routers]
+        flat = torch.cat([torch.cat([self.counts[l].double(), torch.tensor([self.entropy_sum[l], self.tokens[l]],
+                                                                            dtype=torch.float64)]) for l in layers])
+        flat = all_reduce_sum(flat).cpu().view(len(layers), self.num_experts + 2)
+        for i, l in enumerate(layers):
+            self.counts[l] = flat[i, : self.num_experts].round().long()
+            self.entropy_sum[l] = float(flat[i, -2])
+            self.tokens[l] = int(flat[i, -1])
+
     def summary(self, reset: bool = True) -> dict[str, float]:
         """Flat metrics ``moe/layer{L}/{cv,maxvio,entropy,load_entropy,dead}`` plus means over layers."""
         out: dict[str, float] = {}

@@ -75,11 +75,19 @@ class Policy:
         with self.merged_weights(only_adapted) as weights:
             return {k: v.clone() for k, v in weights}
 
-    def save(self, out_dir: str | Path) -> None:
-        """Write the adapter (or full weights) and tokenizer in Hugging Face format."""
+    def save(self, out_dir: str | Path, state_dict: dict | None = None) -> None:
+        """Write the adapter (or full weights) and tokenizer in Hugging Face format.
+
+        ``state_dict``: full weights gathered from sharded ranks (keys as ``self.model.state_dict()``).
+        """
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(out_dir)
+        self.model.save_pretrained(out_dir, state_dict=state_dict)
+        self.save_extras(out_dir)
+
+    def save_extras(self, out_dir: str | Path) -> None:
+        """Tokenizer, and the base model an adapter names, beside weights written by someone else."""
+        out_dir = Path(out_dir)
         self.tokenizer.save_pretrained(out_dir)
         if self.is_peft:
             cfg_path = out_dir / "adapter_config.json"

@@ -16,9 +16,14 @@ CKPT_DIR = "checkpoints"
 FINAL_DIR = "final"
 
 
-def prepare(cfg: AlignConfig, resume: bool) -> Path:
-    """Create (or reopen for resume) the run directory; never clobber an existing run silently."""
+def prepare(cfg: AlignConfig, resume: bool, main: bool = True) -> Path:
+    """Create (or reopen for resume) the run directory; never clobber an existing run silently.
+
+    Only the main process of a multi-process run writes (``main=False`` just names the directory).
+    """
     out = Path(cfg.output.dir)
+    if not main:
+        return out
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
@@ -16,6 +17,7 @@ from trl.trainer.callbacks import RichProgressCallback
 from align import data as data_mod
 from align import plots, rundir
 from align.config import AlignConfig
+from align.errors import AlignError
 from align.moe import ExpertMonitor
 from align.policy import Policy, load_policy
 
@@ -43,6 +45,8 @@ class AlignSFTTrainer(SFTTrainer):
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if self.monitor is not None and "loss" in logs:
+            if self.accelerator.num_processes > 1:
+                self.monitor.merge_ranks(lambda t: self.accelerator.reduce(t.to(self.accelerator.device), "sum"))
             logs.update(self.monitor.summary())
             if hasattr(self, "_aux_total"):
                 passes = max(1, self.args.logging_steps * self.args.gradient_accumulation_steps)
@@ -60,9 +64,13 @@ class AlignSFTTrainer(SFTTrainer):
             super()._save_checkpoint(model, trial)
         finally:
             self.args.output_dir = real
-        for done in staging.glob("checkpoint-*"):
-            rundir.commit_dir(done, Path(real) / done.name)
-        rundir.rotate(Path(real), self.args.save_total_limit or 0)
+        # Every rank writes its shard (DeepSpeed, FSDP) into staging; publish once all are done.
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            for done in staging.glob("checkpoint-*"):
+                rundir.commit_dir(done, Path(real) / done.name)
+            rundir.rotate(Path(real), self.args.save_total_limit or 0)
+        self.accelerator.wait_for_everyone()
 
 
 def _dataset(rows: list[dict], messages_field: str) -> Dataset:
@@ -71,8 +79,11 @@ def _dataset(rows: list[dict], messages_field: str) -> Dataset:
     return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
 
 
-def sft_args(cfg: AlignConfig, ckpt_dir: Path, run_dir: Path) -> SFTConfig:
+def sft_args(cfg: AlignConfig, ckpt_dir: Path, world: int = 1) -> SFTConfig:
+    """TRL arguments; ``train.batch_size`` is global, split evenly over the ``world`` processes."""
     t = cfg.train
+    if t.batch_size % world:
+        raise AlignError(f"train.batch_size={t.batch_size} must be divisible by the {world} processes (it is global)")
     return SFTConfig(
         output_dir=str(ckpt_dir),
         learning_rate=t.learning_rate,
@@ -80,7 +91,7 @@ def sft_args(cfg: AlignConfig, ckpt_dir: Path, run_dir: Path) -> SFTConfig:
         warmup_steps=t.warmup_ratio,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        per_device_train_batch_size=t.batch_size,
+        per_device_train_batch_size=t.batch_size // world,
         gradient_accumulation_steps=t.grad_accum,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
@@ -104,26 +115,58 @@ def sft_args(cfg: AlignConfig, ckpt_dir: Path, run_dir: Path) -> SFTConfig:
     )
 
 
-def held_out_accuracy(policy: Policy, rows: list[dict], cfg: AlignConfig) -> dict:
-    """Greedy and sampled accuracy (math verifier) on held-out chat rows, through the HF engine."""
+def held_out_accuracy(policy: Policy, rows: list[dict], cfg: AlignConfig, synced: bool = False) -> dict:
+    """Greedy and sampled accuracy (math verifier) on held-out chat rows, through the HF engine.
+
+    ``synced``: every rank generates in lockstep (weights sharded by ZeRO-3 / FSDP)."""
     from eval.core import held_out_summary
     from rollout.hf import HFEngine
 
     prompts = [{**r, "prompt": [m for m in r["messages"] if m["role"] != "assistant"]} for r in rows]
-    return held_out_summary(HFEngine(policy.model, policy.tokenizer), policy.tokenizer, prompts, {"math": 1.0},
-                            cfg.eval, cfg.train.seed)
+    return held_out_summary(HFEngine(policy.model, policy.tokenizer, synced_gpus=synced), policy.tokenizer, prompts,
+                            {"math": 1.0}, cfg.eval, cfg.train.seed)
+
+
+def _shards_params(trainer) -> bool:
+    ds = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return trainer.is_fsdp_enabled or (ds is not None and ds.zero_stage == 3)
+
+
+def _save_final(trainer, policy: Policy, run_dir: Path, state: PartialState) -> None:
+    staging = run_dir / ".final.tmp"
+    if state.num_processes == 1:
+        policy.save(staging)
+    else:
+        # The trainer gathers ZeRO-3 / FSDP shards and writes on the main process only.
+        trainer.save_model(str(staging))
+        if state.is_main_process:
+            policy.save_extras(staging)
+    if state.is_main_process:
+        rundir.commit_dir(staging, run_dir / rundir.FINAL_DIR)
+    state.wait_for_everyone()
 
 
 def run_sft(cfg: AlignConfig) -> dict:
-    """Train, then write ``<output.dir>/final`` (Chat (SFT) checkpoint) and a summary; returns the summary."""
+    """Train, then write ``<output.dir>/final`` (Chat (SFT) checkpoint) and a summary; returns the summary.
+
+    Under ``accelerate launch`` / ``torchrun`` every rank runs this; the main rank writes files.
+    """
     t0 = time.time()
-    run_dir = rundir.prepare(cfg, cfg.train.resume)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.num_processes == 1 and torch.cuda.device_count() > 1:
+        raise AlignError(f"{torch.cuda.device_count()} GPUs are visible to one process: launch with "
+                         "`accelerate launch --config_file recipes/accelerate/ddp.yaml -m align.cli sft ...` "
+                         "or set CUDA_VISIBLE_DEVICES=0")
+    main = state.is_main_process
+    with state.main_process_first():
+        run_dir = rundir.prepare(cfg, cfg.train.resume, main=main)
     ckpt_dir = run_dir / rundir.CKPT_DIR
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     set_seed(cfg.train.seed)
     train_rows, held = data_mod.sft_rows(cfg.data)
-    policy = load_policy(cfg.model, cfg.lora, base_dir=run_dir / "base")
+    with state.main_process_first():
+        policy = load_policy(cfg.model, cfg.lora, base_dir=run_dir / "base" if main else None)
     trainable, total = policy.num_parameters()
     log.info("policy: %s trainable / %s total parameters", f"{trainable:,}", f"{total:,}")
     monitor = None
@@ -134,14 +177,14 @@ def run_sft(cfg: AlignConfig) -> dict:
     if cfg.train.resume:
         found = rundir.checkpoints(ckpt_dir)
         resume_from = str(found[-1]) if found else None
-        if resume_from:
-            step = int(found[-1].name.split("-")[1])
-            rundir.truncate_metrics(run_dir, step)
-    before = held_out_accuracy(policy, held, cfg) if not resume_from else {}
-    metrics = rundir.MetricsLogger(run_dir, tensorboard=cfg.output.tensorboard)
+        if resume_from and main:
+            rundir.truncate_metrics(run_dir, int(found[-1].name.split("-")[1]))
+    before = held_out_accuracy(policy, held, cfg) if not resume_from and main else {}
+    state.wait_for_everyone()
+    metrics = rundir.MetricsLogger(run_dir, tensorboard=cfg.output.tensorboard) if main else None
     trainer = AlignSFTTrainer(
         model=policy.model,
-        args=sft_args(cfg, ckpt_dir, run_dir),
+        args=sft_args(cfg, ckpt_dir, state.num_processes),
         train_dataset=_dataset(train_rows, cfg.data.messages_field),
         processing_class=policy.tokenizer,
         callbacks=[RichProgressCallback()],
@@ -151,13 +194,9 @@ def run_sft(cfg: AlignConfig) -> dict:
     train_out = trainer.train(resume_from_checkpoint=resume_from)
     if monitor is not None:
         monitor.active = False
-    after = held_out_accuracy(policy, held, cfg)
-    staging = run_dir / ".final.tmp"
-    policy.save(staging)
-    rundir.commit_dir(staging, run_dir / rundir.FINAL_DIR)
-    if monitor is not None and monitor.history:
-        (run_dir / "moe_history.json").write_text(json.dumps(monitor.history))
-        plots.expert_heatmap(monitor, run_dir / "plots" / "expert_load_sft.png", "SFT expert load")
+    synced = _shards_params(trainer)
+    after = held_out_accuracy(policy, held, cfg, synced=synced) if main or synced else {}
+    _save_final(trainer, policy, run_dir, state)
     summary = {
         "stage": "sft",
         "train_loss": train_out.training_loss,
@@ -168,9 +207,14 @@ def run_sft(cfg: AlignConfig) -> dict:
         "held_out_after": after,
         "trainable_params": trainable,
         "total_params": total,
+        "processes": state.num_processes,
         "wall_s": round(time.time() - t0, 1),
         "final": str(run_dir / rundir.FINAL_DIR),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    metrics.close()
+    if main:
+        if monitor is not None and monitor.history:
+            (run_dir / "moe_history.json").write_text(json.dumps(monitor.history))
+            plots.expert_heatmap(monitor, run_dir / "plots" / "expert_load_sft.png", "SFT expert load")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        metrics.close()
     return summary

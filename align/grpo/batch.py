@@ -28,6 +28,12 @@ class UpdateBatch:
     def size(self) -> int:
         return self.input_ids.shape[0]
 
+    def to(self, device) -> "UpdateBatch":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return UpdateBatch(move(self.input_ids), move(self.attention_mask), move(self.position_ids),
+                           move(self.completion_mask), move(self.rollout_logp), move(self.advantages),
+                           self.prompt_width, move(self.truncated), move(self.old_logp), move(self.ref_logp))
+
     def rows(self, idx: torch.Tensor | slice) -> "UpdateBatch":
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
         return UpdateBatch(pick(self.input_ids), pick(self.attention_mask), pick(self.position_ids),

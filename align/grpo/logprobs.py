@@ -13,14 +13,14 @@ def _decoder_and_head(model: torch.nn.Module):
     return base.model, base.lm_head
 
 
-def _chunk_logp(h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    logits = torch.nn.functional.linear(h, weight).float() / temperature
+def _chunk_logp(h: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, temperature: float) -> torch.Tensor:
+    logits = head(h).float() / temperature
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
 @torch.no_grad()
-def _chunk_entropy(h: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    logits = torch.nn.functional.linear(h, weight).float() / temperature
+def _chunk_entropy(h: torch.Tensor, head: torch.nn.Module, temperature: float) -> torch.Tensor:
+    logits = head(h).float() / temperature
     lse = torch.logsumexp(logits, -1)
     return lse - (logits.softmax(-1) * logits).sum(-1)
 
@@ -30,21 +30,21 @@ def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.T
     """log softmax(head(hidden) / T)[targets] for hidden [N, T, H], targets [N, T] -> [N, T] (+ entropy [N, T]).
 
     Peak extra memory is one chunk of ``chunk_tokens x vocab`` fp32 logits, forward and backward.
-    The head must be a plain linear layer (its weight is read directly).
+    The head is called as a module (not through its weight), so ZeRO-3 / FSDP gather it as usual.
     """
     n, t, d = hidden.shape
-    weight = head.weight
+    head_grad = any(p.requires_grad for p in head.parameters())
     temp = temperature if temperature > 0 else 1.0
     h, y = hidden.reshape(-1, d), targets.reshape(-1)
     logps, ents = [], []
     for i in range(0, h.shape[0], chunk_tokens):
         hc, yc = h[i:i + chunk_tokens], y[i:i + chunk_tokens]
-        if torch.is_grad_enabled() and (hc.requires_grad or weight.requires_grad):
-            logps.append(checkpoint(_chunk_logp, hc, yc, weight, temp, use_reentrant=False))
+        if torch.is_grad_enabled() and (hc.requires_grad or head_grad):
+            logps.append(checkpoint(_chunk_logp, hc, yc, head, temp, use_reentrant=False))
         else:
-            logps.append(_chunk_logp(hc, yc, weight, temp))
+            logps.append(_chunk_logp(hc, yc, head, temp))
         if with_entropy:
-            ents.append(_chunk_entropy(hc.detach(), weight, temp))
+            ents.append(_chunk_entropy(hc.detach(), head, temp))
     logp = torch.cat(logps).view(n, t)
     return logp, (torch.cat(ents).view(n, t) if with_entropy else None)
 
@@ -62,3 +62,21 @@ def completion_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attenti
     head = getattr(head, "modules_to_save", {}).get("default", head) if hasattr(head, "modules_to_save") else head
     return token_logprobs(hidden[:, prompt_width - 1:-1], head, input_ids[:, prompt_width:], temperature,
                           chunk_tokens, with_entropy)
+
+
+class CompletionLogprobs(torch.nn.Module):
+    """The policy as one module whose forward returns completion log-probs (and entropy).
+
+    This is what ``accelerate.prepare`` wraps (DDP, DeepSpeed, FSDP2): every training and scoring
+    forward then goes through the wrapper's hooks, although the log-prob path calls the decoder
+    and the LM head separately.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, prompt_width: int, temperature: float = 1.0,
+                with_entropy: bool = False):
+        return completion_logprobs(self.model, input_ids, attention_mask, position_ids, prompt_width, temperature,
+                                   with_entropy=with_entropy)

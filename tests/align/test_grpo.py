@@ -67,4 +67,6 @@ def test_kill_and_resume_gives_identical_metrics(sft_checkpoint, reference_run, 
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in (3, 4):
         for key, value in ref[step].items():
-            assert got[step][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (step, key)
+            # mismatch/* measure float noise between trainer and engine (~1e-6): compare at that scale.
+            tol = 1e-5 if key.startswith("mismatch/") else 1e-6
+            assert got[step][key] == pytest.approx(value, rel=1e-4, abs=tol), (step, key)

@@ -6,6 +6,7 @@ from transformers import get_scheduler
 from align.config import GRPOConfig, LoraConfig, ModelConfig
 from align.grpo.batch import build_batch
 from align.grpo.logprobs import completion_logprobs
+from align.grpo.logprobs import CompletionLogprobs
 from align.grpo.update import policy_update
 from align.policy import load_policy
 from rewards.registry import Combined
@@ -42,7 +43,7 @@ def test_update_moves_logprobs_in_the_advantage_direction():
     policy, batch, opt, sched = _setup()
     before = _seq_logp(policy, batch)
     for _ in range(3):
-        metrics, finite = policy_update(policy, batch, GRPOConfig(minibatch_size=4), opt, sched, 1.0, 3, 1.0)
+        metrics, finite = policy_update(policy, CompletionLogprobs(policy.model), batch, GRPOConfig(minibatch_size=4), opt, sched, 1.0, 3, 1.0)
     after = _seq_logp(policy, batch)
     assert finite and after[0] > before[0] and after[2] > before[2] and after[3] < before[3]
     assert {"actor/pg_loss", "actor/grad_norm", "actor/entropy", "actor/clipfrac"} <= set(metrics)
@@ -52,7 +53,7 @@ def test_non_finite_loss_skips_the_step():
     policy, batch, opt, sched = _setup()
     batch.advantages = torch.tensor([float("nan"), 1.0, 1.0, -1.0])
     params = {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
-    _, finite = policy_update(policy, batch, GRPOConfig(minibatch_size=4), opt, sched, 1.0, 3, 1.0)
+    _, finite = policy_update(policy, CompletionLogprobs(policy.model), batch, GRPOConfig(minibatch_size=4), opt, sched, 1.0, 3, 1.0)
     assert not finite
     for n, p in policy.model.named_parameters():
         if p.requires_grad:
