@@ -54,6 +54,7 @@ class ModelConfig:
     attn_implementation: str = _f("sdpa", "transformers attention: eager, sdpa, flash_attention_2.")
     experts_implementation: str = _f("auto", "Routed-experts kernel: auto (grouped_mm on GPU, eager on CPU), eager, grouped_mm, batched_mm.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    fused_kernels: bool = _f(True, "On GPUs, compiled RMSNorm, rope and SwiGLU (align/kernels.py); no effect on the CPU.")
     trust_remote_code: bool = _f(False, "Allow hub models with custom code (not needed for DeepSeek-V2 on transformers>=5).")
 
 
@@ -68,6 +69,8 @@ class LoraConfig:
     shared_experts: bool = _f(True, "Adapt shared-expert MLPs.")
     routed_experts: bool = _f(True, "Adapt fused routed experts (experts.gate_up_proj, experts.down_proj) via target_parameters.")
     train_router: bool = _f(False, "Train the MoE router (gate) weights; frozen by default.")
+    grouped_experts: bool = _f(True, "Apply routed-expert LoRA as grouped low-rank products instead of PEFT's W + ΔW stack (same function, align/expert_lora.py).")
+    adapter_dtype: str = _f("float32", "LoRA weight dtype: float32 (PEFT's default) or bfloat16 (faster on GPUs: no fp32 casts around every adapter matmul).")
     modules_to_save: list = _f([], "Modules trained in full besides LoRA, e.g. [embed_tokens, lm_head].")
 
 
@@ -284,6 +287,7 @@ def validate(cfg: AlignConfig) -> None:
         (cfg.lora.r > 0, "lora.r: must be > 0"),
         (cfg.train.batch_size > 0, "train.batch_size: must be > 0"),
         (cfg.train.learning_rate > 0, "train.learning_rate: must be > 0"),
+        (cfg.lora.adapter_dtype in ("float32", "bfloat16"), "lora.adapter_dtype: one of float32, bfloat16"),
         (cfg.rollout.engine in ("auto", "vllm", "fast", "hf"), "rollout.engine: one of auto, vllm, fast, hf"),
         (cfg.rollout.num_generations >= 1, "rollout.num_generations: must be >= 1"),
         (cfg.grpo.kl_estimator in ("k1", "k2", "k3"), "grpo.kl_estimator: one of k1, k2, k3"),

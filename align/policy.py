@@ -17,6 +17,8 @@ from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
 from align.config import LoraConfig, ModelConfig
+from align.expert_lora import use_grouped_expert_lora
+from align.kernels import use_fused_kernels
 from align.lora import native_v5_targets, peft_config
 from align.modeling import TINY, load_base_model, load_tokenizer, resolve_base
 
@@ -136,9 +138,17 @@ def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, base_dir: str | Pa
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if model_cfg.fused_kernels:
+        use_fused_kernels()
     if lora_cfg.enabled:
         with native_v5_targets():
             model = get_peft_model(model, peft_config(lora_cfg))
+        if lora_cfg.grouped_experts and lora_cfg.routed_experts:
+            log.info("grouped routed-expert LoRA on %d layers", use_grouped_expert_lora(model))
+        if lora_cfg.adapter_dtype == "bfloat16":
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.data = p.data.to(torch.bfloat16)
     _freeze_router(model, lora_cfg.train_router)
     if model_cfg.gradient_checkpointing and lora_cfg.enabled:
         model.enable_input_require_grads()

@@ -75,3 +75,13 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
 
     with pytest.raises(AlignError, match="no such local path"):
         load_policy(ModelConfig(name_or_path=str(tmp_path / "nope")), LoraConfig())
+
+
+def test_bf16_adapters_on_request():
+    from align.config import load_config
+    from align.policy import load_policy
+
+    cfg = load_config(None, ["lora.enabled=true", "lora.adapter_dtype=bfloat16"])
+    policy = load_policy(cfg.model, cfg.lora)
+    dtypes = {p.dtype for n, p in policy.model.named_parameters() if "lora_" in n}
+    assert dtypes == {torch.bfloat16}

@@ -1,0 +1,76 @@
+"""LoRA on fused routed experts without materializing W + ΔW.
+
+PEFT 0.21 reaches ``experts.gate_up_proj`` / ``experts.down_proj`` through ``ParamWrapper``, which on
+every forward builds the full adapted weight stack (64 experts x (2816x2048 + 2048x1408) values per
+V2-Lite layer, about 1.1 GB in bf16) and keeps it for the backward pass. Here the same PEFT
+parameters are applied as low-rank grouped products on the routed tokens only:
+
+    y = grouped_mm(x, W) + s * grouped_mm(grouped_mm(x, A), B)
+
+which is the same function (same adapter, same saved format), with O(tokens x r) extra activations.
+Only the forward of the outermost wrapper changes; merging, disabling, saving and loading stay PEFT's.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from transformers.integrations.moe import _grouped_mm
+
+from align.kernels import fused_swiglu
+
+
+def _factors(wrapper, adapter: str):
+    """(in->r, r->out) weight stacks [E, in, r], [E, r, out] of one ParamWrapper, scaling folded into the
+    second (a small tensor) rather than into the [S, out] product."""
+    lhs, rhs, scaling = wrapper.get_delta_factors(adapter)  # delta [E, out, in] = lhs [E, out, r] @ rhs [E, r, in]
+    # grouped_mm wants each operand row- or column-major per group; the factors are small to copy.
+    return rhs.transpose(-2, -1).contiguous(), (lhs.transpose(-2, -1) * scaling).contiguous()
+
+
+def _lora_linear(x: torch.Tensor, weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
+                 offs: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` [S, in] grouped by expert (``offs``) through weight [E, out, in] plus the LoRA path."""
+    base = _grouped_mm(x, weight.transpose(-2, -1), offs=offs)
+    return base + _grouped_mm(_grouped_mm(x, down, offs=offs), up, offs=offs)
+
+
+def _forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+             *args, **kwargs) -> torch.Tensor:
+    inner = self.base_layer
+    experts = inner.base_layer
+    adapters = [a for a in self.active_adapters if a in self.lora_A]
+    if self.disable_adapters or self.merged or inner.merged or len(adapters) != 1 or args or kwargs:
+        return self._peft_forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+    k = top_k_index.shape[-1]
+    expert_ids, perm = torch.sort(top_k_index.reshape(-1))
+    counts = torch.histc(expert_ids.float() if expert_ids.device.type == "cpu" else expert_ids.int(),
+                         bins=experts.num_experts, min=0, max=experts.num_experts - 1)
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    token = perm // k
+    x = hidden_states[token]
+    gu = _lora_linear(x, experts.gate_up_proj, *_factors(inner, adapters[0]), offs)
+    h = fused_swiglu(gu) if experts.config.hidden_act == "silu" else _act(experts, gu)
+    out = _lora_linear(h, experts.down_proj, *_factors(self, adapters[0]), offs)
+    out = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(out.dtype)
+    return torch.zeros_like(hidden_states).index_add_(0, token, out.to(hidden_states.dtype))
+
+
+def _act(experts, gu: torch.Tensor) -> torch.Tensor:
+    gate, up = gu.chunk(2, dim=-1)
+    return experts.act_fn(gate) * up
+
+
+def use_grouped_expert_lora(model: torch.nn.Module) -> int:
+    """Route every PEFT-wrapped fused-experts module through :func:`_forward`; returns how many."""
+    n = 0
+    for module in model.modules():
+        inner = getattr(module, "base_layer", None)
+        if (type(module).__name__ == "ParamWrapper" and getattr(module, "parameter_name", "") == "down_proj"
+                and getattr(inner, "parameter_name", "") == "gate_up_proj"
+                and hasattr(getattr(inner, "base_layer", None), "gate_up_proj") and not hasattr(module, "_peft_forward")):
+            module._peft_forward = module.forward
+            module.forward = types.MethodType(_forward, module)
+            n += 1
+    return n

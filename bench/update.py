@@ -1,0 +1,162 @@
+"""Policy-update throughput at V2-Lite shape: the issue's baseline and align's levers, in one process.
+
+LoRA r=16 on MLA, shared experts and routed experts (align's default targets), random bf16 weights,
+vocab 102,400. Each row is forward + backward + AdamW step on ``batch x seq`` tokens; the baseline is
+transformers + PEFT with full-vocabulary logits (``labels=``) and gradient checkpointing.
+
+    python bench/update.py                 # H100
+    python bench/update.py --shape tiny    # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from align.config import LoraConfig  # noqa: E402
+from align.expert_lora import use_grouped_expert_lora  # noqa: E402
+from align.grpo.logprobs import completion_logprobs  # noqa: E402
+from align.lora import native_v5_targets, peft_config  # noqa: E402
+from bench.common import write  # noqa: E402
+from bench.decode import TINY, V2_LITE, build  # noqa: E402
+
+
+def step_fn(model, ids, chunked: bool):
+    if chunked:
+        mask = torch.ones_like(ids)
+        pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        logp, _ = completion_logprobs(model, ids, mask, pos, 1)
+        return -logp.mean()
+    return model(input_ids=ids, labels=ids).loss
+
+
+def measure(model, params, batch: int, seq: int, chunked: bool, steps: int, device: str) -> dict:
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    ids = torch.randint(3, min(1000, model.config.vocab_size), (batch, seq),
+                        generator=torch.Generator().manual_seed(batch * seq)).to(device)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    times, loss = [], None
+    try:
+        for i in range(steps + 1):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            loss = step_fn(model, ids, chunked)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i:
+                times.append(time.perf_counter() - t)
+    except torch.OutOfMemoryError:
+        opt.zero_grad(set_to_none=True)
+        return {"oom": True}
+    s = sorted(times)[len(times) // 2]
+    out = {"tok_s": batch * seq / s, "step_s": s, "loss": float(loss)}
+    if device == "cuda":
+        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    return out
+
+
+def grad_check(model, params, device) -> dict:
+    """Same tokens through PEFT's expert path and the grouped one: loss and LoRA gradients must agree."""
+    ids = torch.randint(3, min(1000, model.config.vocab_size), (2, 256), generator=torch.Generator().manual_seed(7)).to(device)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    out = {}
+    for grouped in (False, True):
+        set_grouped(model, grouped)
+        model.zero_grad(set_to_none=True)
+        loss = step_fn(model, ids, True)
+        loss.backward()
+        out[grouped] = (float(loss), [p.grad.float().clone() for p in params])
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.zero_()
+    rel = max(float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(out[True][1], out[False][1]))
+    return {"loss_peft": out[False][0], "loss_grouped": out[True][0], "max_rel_grad_diff": rel}
+
+
+def set_grouped(model, on: bool) -> None:
+    for m in model.modules():
+        if hasattr(m, "_peft_forward"):
+            if on:
+                m.forward = m._grouped_forward
+            else:
+                m.forward = m._peft_forward
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="v2-lite", choices=["tiny", "v2-lite"])
+    ap.add_argument("--steps", type=int, default=3)
+    a = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shape = V2_LITE if a.shape == "v2-lite" else TINY
+    model = build(shape, torch.bfloat16 if device == "cuda" else torch.float32, device)
+    model.config.use_cache = False
+    from peft import get_peft_model
+
+    with native_v5_targets():
+        model = get_peft_model(model, peft_config(LoraConfig(r=16, alpha=32)))
+    model.enable_input_require_grads()
+    n = use_grouped_expert_lora(model)
+    for m in model.modules():
+        if hasattr(m, "_peft_forward"):
+            m._grouped_forward = m.forward
+    params = [p for p in model.parameters() if p.requires_grad]
+    res = {"shape": a.shape, "lora_params": sum(p.numel() for p in params), "patched_expert_modules": n, "rows": {}}
+    res["check_grouped_vs_peft"] = grad_check(model, params, device)
+    print("check:", res["check_grouped_vs_peft"], flush=True)
+    shapes = [(4, 1024), (8, 2048)] if a.shape == "v2-lite" else [(4, 64)]
+    plan = [("baseline: PEFT experts, full logits, grad ckpt", False, False, True),
+            ("grouped expert LoRA, full logits, grad ckpt", True, False, True),
+            ("grouped expert LoRA, chunked log-probs, grad ckpt", True, True, True),
+            ("grouped expert LoRA, chunked log-probs, no grad ckpt", True, True, False),
+            ("baseline without grad ckpt", False, False, False)]
+    # Irreversible levers last, cumulative: bf16 adapters (no fp32 casts around every LoRA matmul),
+    # then compiled RMSNorm / rope / SwiGLU.
+    stages = [("", None), (" + bf16 adapters", "bf16"), (" + bf16 adapters + fused kernels", "fused")]
+    for suffix, action in stages:
+        if action == "bf16":
+            for p in params:
+                p.data = p.data.to(torch.bfloat16 if device == "cuda" else p.dtype)
+        if action == "fused":
+            from align.kernels import use_fused_kernels
+
+            res["fused_kernels"] = use_fused_kernels()
+        rows = plan if action is None else plan[2:4]
+        for b, s in shapes:
+            for name, grouped, chunked, ckpt in rows:
+                set_grouped(model, grouped)
+                if ckpt:
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    model.gradient_checkpointing_disable()
+                model.train()
+                row = measure(model, params, b, s, chunked, a.steps, device)
+                res["rows"][f"{b}x{s} | {name}{suffix}"] = row
+                print(f"{b}x{s} | {name}{suffix}: {row}", flush=True)
+    for b, s in shapes:
+        base = res["rows"][f"{b}x{s} | {plan[0][0]}"]
+        for key, row in res["rows"].items():
+            if key.startswith(f"{b}x{s} |") and "tok_s" in row and "tok_s" in base:
+                row["ratio_vs_baseline"] = row["tok_s"] / base["tok_s"]
+    write(f"update_{a.shape}_{device}", res)
+
+
+if __name__ == "__main__":
+    main()
