@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -79,6 +80,12 @@ def _dataset(rows: list[dict], messages_field: str) -> Dataset:
     return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
 
 
+def use_bf16(cfg: AlignConfig, cuda: bool) -> bool:
+    """bf16 for bf16 weights, or when ``accelerate launch`` asks for bf16: TRL must agree with the
+    launcher, or DeepSpeed's config check (``bf16.enabled`` vs ``TrainingArguments.bf16``) stops the run."""
+    return cuda and (cfg.model.dtype == "bfloat16" or os.environ.get("ACCELERATE_MIXED_PRECISION", "no") == "bf16")
+
+
 def sft_args(cfg: AlignConfig, ckpt_dir: Path, world: int = 1) -> SFTConfig:
     """TRL arguments; ``train.batch_size`` is global, split evenly over the ``world`` processes."""
     t = cfg.train
@@ -106,7 +113,7 @@ def sft_args(cfg: AlignConfig, ckpt_dir: Path, world: int = 1) -> SFTConfig:
         assistant_only_loss=True,
         report_to=[],
         disable_tqdm=True,
-        bf16=cfg.model.dtype == "bfloat16" and torch.cuda.is_available(),
+        bf16=use_bf16(cfg, torch.cuda.is_available()),
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         gradient_checkpointing=False,

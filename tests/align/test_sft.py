@@ -56,3 +56,17 @@ def test_resume_continues_from_last_checkpoint(sft_checkpoint, tmp_path):
     new = {r["step"]: r["loss"] for r in read_metrics(run) if "loss" in r}
     assert min(s for s in new if s > 200) == 225, "training continued after the step-200 checkpoint"
     assert new[300] == pytest.approx(orig[300], rel=0.1)
+
+
+def test_sft_follows_the_launchers_mixed_precision(monkeypatch):
+    """accelerate launch with bf16 (e.g. recipes/accelerate/zero3.yaml) and an fp32 recipe: TRL must
+    be told bf16 too, or DeepSpeed's config check stops the run (seen on 2xH200)."""
+    from align.config import load_config
+    from align.sft import use_bf16
+
+    cfg = load_config(None, [])
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert use_bf16(cfg, cuda=True) and not use_bf16(cfg, cuda=False)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert not use_bf16(cfg, cuda=True)
+    assert use_bf16(load_config(None, ["model.dtype=bfloat16"]), cuda=True)
