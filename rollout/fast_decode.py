@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 
 import torch
 
 from rollout.base import Completion, Rollout, SamplingSettings, cut_at_stop
+from rollout.hf import gumbel_noise, prompt_seeds, row_generators, row_seeds
 
 
 def _apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -131,7 +131,7 @@ class FastDecoder:
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                  temperature: float = 0.0, top_p: float = 1.0, eos_token_id: int | None = None,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 gens: list[torch.Generator] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns new tokens [B, N] and the logits each was drawn from, log-softmaxed at ``temperature``:
         per-token log-probs [B, N] (fp32). Rows past EOS keep decoding (static shapes) and are cut by the caller."""
         b, p = ids.shape
@@ -144,7 +144,7 @@ class FastDecoder:
         tokens, logps = [], []
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         for k in range(max_new_tokens):
-            tok, lp = _pick(logits, temperature, top_p, generator)
+            tok, lp = _pick(logits, temperature, top_p, gens)
             tokens.append(tok)
             logps.append(lp)
             if eos_token_id is not None:
@@ -172,18 +172,20 @@ class FastDecoder:
         self._ensure_graph()
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, gens) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next token and its log-prob at ``temperature`` from logits [B, V]; sampling is Gumbel-argmax with
+    one generator per row (``gens``), so a row's sample does not depend on its batch."""
     if temperature <= 0:
         lp = logits.log_softmax(-1)
         tok = lp.argmax(-1)
         return tok, lp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
     lp = (logits / temperature).log_softmax(-1)
-    probs = lp.exp()
+    scores = lp
     if top_p < 1.0:
-        sorted_p, order = probs.sort(-1, descending=True)
+        sorted_p, order = lp.exp().sort(-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > top_p
-        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-    tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        scores = lp.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), -math.inf)
+    tok = (scores + gumbel_noise(gens, logits.shape[-1], logits.device)).argmax(-1)
     return tok, lp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
 
 
@@ -210,19 +212,19 @@ class FastEngine:
     def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[Rollout]:
         reps = 1 if settings.greedy else settings.n
         rows = [p for p in prompts for _ in range(reps)]
-        gen = torch.Generator(device=next(self.model.parameters()).device)
-        gen.manual_seed(settings.seed if settings.seed is not None else int(time.time_ns() % 2 ** 31))
+        seeds = row_seeds(prompt_seeds(settings, len(prompts)), reps)
+        dev = next(self.model.parameters()).device
         out: list[Rollout] = []
         per = max(reps, self.batch_size // reps * reps)
         for i in range(0, len(rows), per):
             chunk = rows[i:i + per]
-            comps = self._batch(chunk, settings, gen)
+            comps = self._batch(chunk, settings, row_generators(seeds[i:i + per], dev))
             for j in range(0, len(chunk), reps):
                 group = comps[j:j + reps]
                 out.append(Rollout(prompt_ids=chunk[j], completions=group * (settings.n if settings.greedy else 1)))
         return out
 
-    def _batch(self, rows: list[list[int]], s: SamplingSettings, gen) -> list[Completion]:
+    def _batch(self, rows: list[list[int]], s: SamplingSettings, gens) -> list[Completion]:
         tok = self.tokenizer
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
@@ -235,7 +237,7 @@ class FastEngine:
         try:
             with self.merged():
                 new, lps = self._decoder(len(rows)).generate(ids.to(dev), mask.to(dev), s.max_new_tokens,
-                                                              s.temperature, s.top_p, tok.eos_token_id, gen)
+                                                              s.temperature, s.top_p, tok.eos_token_id, gens)
         finally:
             self.model.train(was_training)
         comps = []

@@ -20,12 +20,36 @@ class GumbelSampler(LogitsProcessor):
     """
 
     def __init__(self, seeds: list[int], device):
-        self.gens = [torch.Generator(device=device).manual_seed(s % (2 ** 63)) for s in seeds]
+        self.gens = row_generators(seeds, device)
 
     def __call__(self, input_ids, scores):
-        u = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.gens])
-        gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
-        return scores.float() + gumbel
+        return scores.float() + gumbel_noise(self.gens, scores.shape[-1], scores.device)
+
+
+def row_seeds(seeds: list[int], n: int) -> list[int]:
+    """Seeds of the ``n`` sample rows of each prompt, prompt-major (the rows' order in a batch)."""
+    return [seed * 1009 + j for seed in seeds for j in range(n)]
+
+
+def row_generators(seeds: list[int], device) -> list[torch.Generator]:
+    return [torch.Generator(device=device).manual_seed(s % (2 ** 63)) for s in seeds]
+
+
+def gumbel_noise(gens: list[torch.Generator], vocab: int, device) -> torch.Tensor:
+    """[rows, vocab] standard Gumbel noise, one stream per row."""
+    u = torch.stack([torch.rand(vocab, generator=g, device=device) for g in gens])
+    return -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
+
+
+def prompt_seeds(settings: SamplingSettings, n_prompts: int) -> list[int]:
+    """``settings.seeds``, or per-prompt seeds derived from ``settings.seed`` (random when unset)."""
+    seeds = settings.seeds
+    if seeds is None:
+        base = settings.seed if settings.seed is not None else int(torch.randint(0, 2 ** 31, ()))
+        seeds = [base * 7919 + i for i in range(n_prompts)]
+    if len(seeds) != n_prompts:
+        raise ValueError(f"{len(seeds)} seeds for {n_prompts} prompts")
+    return seeds
 
 
 class HFEngine:
@@ -65,7 +89,7 @@ class HFEngine:
             procs = [TemperatureLogitsWarper(s.temperature)]
             if s.top_p < 1.0:
                 procs.append(TopPLogitsWarper(s.top_p))
-            procs.append(GumbelSampler([seed * 1009 + j for seed in seeds for j in range(s.n)], device))
+            procs.append(GumbelSampler(row_seeds(seeds, s.n), device))
             kwargs["logits_processor"] = LogitsProcessorList(procs)
         if self.synced_gpus:
             kwargs["synced_gpus"] = True
@@ -97,12 +121,7 @@ class HFEngine:
         return groups
 
     def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[Rollout]:
-        seeds = settings.seeds
-        if seeds is None:
-            base = settings.seed if settings.seed is not None else int(torch.randint(0, 2 ** 31, ()))
-            seeds = [base * 7919 + i for i in range(len(prompts))]
-        if len(seeds) != len(prompts):
-            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        seeds = prompt_seeds(settings, len(prompts))
         per = max(1, self.batch_size // max(1, 1 if settings.greedy else settings.n))
         out: list[Rollout] = []
         for i in range(0, len(prompts), per):

@@ -71,3 +71,17 @@ def test_engine_with_lora_matches_hf_engine_and_leaves_weights_unmerged():
     assert [len(r.completions) for r in sampled] == [3] * len(PROMPTS)
     assert all(len(c.logprobs) == len(c.token_ids) and all(lp <= 0 for lp in c.logprobs)
                for r in sampled for c in r.completions)
+
+
+def test_samples_equal_the_hf_engine_with_the_same_seeds():
+    """Both engines draw Gumbel noise from the same per-row seeds, so equal logits give equal samples
+    (fp32) — and a prompt's samples do not depend on the other prompts in the batch."""
+    policy, cfg = _policy(lora=False)
+    fast = make_engine("fast", policy, cfg.rollout, max_model_len=64)
+    prompts = [policy.tokenizer.encode(t) for t in PROMPTS]
+    s = SamplingSettings(n=3, temperature=0.9, top_p=0.95, max_new_tokens=10, seeds=[11, 12, 13, 14, 15])
+    a = fast.generate(prompts, s)
+    b = HFEngine(policy.model, policy.tokenizer).generate(prompts, s)
+    assert [c.token_ids for r in a for c in r.completions] == [c.token_ids for r in b for c in r.completions]
+    alone = fast.generate(prompts[2:3], SamplingSettings(n=3, temperature=0.9, top_p=0.95, max_new_tokens=10, seeds=[13]))
+    assert [c.token_ids for c in alone[0].completions] == [c.token_ids for c in a[2].completions]
