@@ -234,6 +234,7 @@ class FastEngine:
             mask[i, width - len(r):] = 1
         dev = next(self.model.parameters()).device
         was_training = self.model.training
+        self.model.eval()
         try:
             with self.merged():
                 new, lps = self._decoder(len(rows)).generate(ids.to(dev), mask.to(dev), s.max_new_tokens,
