@@ -82,3 +82,26 @@ def cut_at_stop(text: str, token_ids: list[int], stop: list[str], tokenizer) -> 
         if len(tokenizer.decode(kept, skip_special_tokens=True)) >= cut:
             break
     return text[:cut], kept, True
+
+
+def left_pad(rows: list[list[int]], pad_id: int):
+    """Token rows -> left-padded ids and attention mask, both [len(rows), longest] (CPU, long)."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def finish(token_ids: list[int], logprobs: list[float], tokenizer, stop: list[str]) -> Completion:
+    """A generated row (no padding removed yet) cut at EOS, then at the first stop string."""
+    eos = tokenizer.eos_token_id
+    toks = token_ids[: token_ids.index(eos) + 1] if eos in token_ids else list(token_ids)
+    text, toks, stopped = cut_at_stop(tokenizer.decode(toks, skip_special_tokens=True), toks, stop, tokenizer)
+    reason = "stop" if stopped or eos in toks else "length"
+    return Completion(toks, text, list(logprobs[: len(toks)]), reason)
+

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from rollout.base import Completion, Rollout, SamplingSettings, cut_at_stop
+from rollout.base import Completion, Rollout, SamplingSettings, finish, left_pad
 from rollout.hf import gumbel_noise, prompt_seeds, row_generators, row_seeds
 
 
@@ -226,12 +226,7 @@ class FastEngine:
 
     def _batch(self, rows: list[list[int]], s: SamplingSettings, gens) -> list[Completion]:
         tok = self.tokenizer
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = 1
+        ids, mask = left_pad(rows, tok.pad_token_id)
         dev = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
@@ -241,14 +236,7 @@ class FastEngine:
                                                               s.temperature, s.top_p, tok.eos_token_id, gens)
         finally:
             self.model.train(was_training)
-        comps = []
-        for row, lp in zip(new.cpu().tolist(), lps.cpu().tolist()):
-            end = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
-            toks = row[:end]
-            text, toks, stopped = cut_at_stop(tok.decode(toks, skip_special_tokens=True), toks, s.stop, tok)
-            reason = "stop" if stopped or tok.eos_token_id in toks else "length"
-            comps.append(Completion(toks, text, lp[:len(toks)], reason))
-        return comps
+        return [finish(row, lp, tok, s.stop) for row, lp in zip(new.cpu().tolist(), lps.cpu().tolist())]
 
     def update_weights(self, named_tensors=None) -> float:
         return 0.0  # the decoder reads the live model's weights

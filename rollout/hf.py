@@ -8,7 +8,7 @@ import time
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from rollout.base import Completion, Rollout, SamplingSettings, cut_at_stop
+from rollout.base import Completion, Rollout, SamplingSettings, finish, left_pad
 
 
 class GumbelSampler(LogitsProcessor):
@@ -76,12 +76,8 @@ class HFEngine:
         tok = self.tokenizer
         reps = 1 if s.greedy else s.n
         rows = [p for p in prompts for _ in range(reps)]
-        width = max(len(p) for p in rows)
-        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(rows):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+        ids, mask = left_pad(rows, tok.pad_token_id)
+        width = ids.shape[1]
         device = next(self.model.parameters()).device
         kwargs = dict(max_new_tokens=s.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                       return_dict_in_generate=True, output_logits=True, use_cache=True, do_sample=False)
@@ -106,16 +102,8 @@ class HFEngine:
             logits = logits / s.temperature
         lp = logits.log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
         groups: list[list[Completion]] = [[] for _ in prompts]
-        for row in range(new.shape[0]):
-            seq = new[row].tolist()
-            eos = tok.eos_token_id
-            end = seq.index(eos) + 1 if eos in seq else len(seq)
-            toks = seq[:end]
-            reason = "stop" if eos in toks else "length"
-            text = tok.decode(toks, skip_special_tokens=True)
-            text, toks, stopped = cut_at_stop(text, toks, s.stop, tok)
-            reason = "stop" if stopped else reason
-            groups[row // reps].append(Completion(toks, text, lp[row, : len(toks)].tolist(), reason))
+        for row, (seq, row_lp) in enumerate(zip(new.tolist(), lp.tolist())):
+            groups[row // reps].append(finish(seq, row_lp, tok, s.stop))
         if s.greedy and s.n > 1:
             groups = [g * s.n for g in groups]
         return groups
