@@ -184,3 +184,16 @@ def test_two_process_sft_follows_the_one_process_run(tmp_path):
     # normalization is global (average_tokens_across_devices), so only summation order differs.
     _same_curves(one, two, ["loss"], rel=2e-3)
     _same_curves(one[:3], two[:3], ["loss", "grad_norm"], rel=1e-4)
+
+
+def test_metrics_reduce_as_means_sums_and_maxima():
+    class TwoRanks(Dist):
+        def all_gather_objects(self, obj):
+            return [obj, {"reward/mean": 0.25, "completion/tokens": 30, "actor/pg_loss": -0.5,
+                          "mismatch/abs_logp_max": 9.0, "time/update": 1.0, "only/rank1": 3.0}]
+
+    d = TwoRanks(SimpleNamespace(process_index=0, num_processes=2, is_main_process=True, device="cpu"))
+    got = d.reduce_metrics({"reward/mean": 0.75, "completion/tokens": 10, "actor/pg_loss": 0.25,
+                            "mismatch/abs_logp_max": 1.0, "time/update": 2.5, "note": "text"})
+    assert got == {"reward/mean": 0.5, "completion/tokens": 40, "actor/pg_loss": -0.25,
+                   "mismatch/abs_logp_max": 9.0, "time/update": 2.5, "only/rank1": 3.0}
