@@ -91,26 +91,6 @@ def fast_generate(model, ids, mask, new: int, device, graph: bool):
     return tokens, time.perf_counter() - t, dec
 
 
-@torch.no_grad()
-def teacher_logp(dec: FastDecoder, ids, mask, tokens):
-    """Log-probs of ``tokens`` under the fast path when fed those tokens (greedy divergence aside)."""
-    out = []
-    logits = dec.prefill(ids, mask)
-    dec.s_ids = torch.zeros(ids.shape[0], 1, dtype=torch.long, device=ids.device)
-    dec.s_pos, dec.s_slot = dec.pos.clone(), torch.zeros(1, dtype=torch.long, device=ids.device)
-    for k in range(tokens.shape[1]):
-        lp = logits.log_softmax(-1)
-        out.append((lp.gather(-1, tokens[:, k:k + 1]).squeeze(-1), lp.max(-1).values))
-        dec.s_ids.copy_(tokens[:, k:k + 1])
-        dec.pos += 1
-        dec.s_pos.copy_(dec.pos)
-        dec.s_slot.fill_(ids.shape[1] + k)
-        logits = dec._step_eager()
-    chosen = torch.stack([a for a, _ in out], 1)
-    best = torch.stack([b for _, b in out], 1)
-    return chosen, best
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="tiny", choices=["tiny", "v2-lite"])
@@ -156,7 +136,7 @@ def main() -> None:
         elif eager_tokens is not None:
             res[key]["identical_to_fast_eager"] = bool((tokens == eager_tokens).all())
         if graph or device != "cuda":
-            chosen, best = teacher_logp(dec, ids, mask, hf_tokens)
+            chosen, best = dec.teacher_forced(ids, mask, hf_tokens)
             gap = (best - chosen)
             # HF's greedy token is (within bf16 noise) also the fast path's best token at every step.
             res[key]["hf_token_logp_gap_max"] = float(gap.max())

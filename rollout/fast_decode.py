@@ -22,7 +22,7 @@ import math
 import torch
 
 from rollout.base import Completion, Rollout, SamplingSettings, finish, left_pad
-from rollout.hf import gumbel_noise, prompt_seeds, row_generators, row_seeds
+from rollout.sampling import gumbel_noise, prompt_seeds, row_generators, row_seeds
 
 
 def _apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -40,12 +40,11 @@ class FastDecoder:
         self.cfg, self.batch_size, self.max_len = cfg, batch_size, max_len
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        # grouped_mm copies offsets to the host for fp32 weights, which a graph cannot capture.
-        capturable = self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16)
+        # Graphs need host-sync-free experts: grouped_mm in bf16/fp16 (the eager experts loop syncs per
+        # expert, and grouped_mm copies offsets to the host for fp32 weights).
+        capturable = (self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16)
+                      and getattr(cfg, "_experts_implementation", None) == "grouped_mm")
         self.use_graph = capturable if use_graph is None else use_graph and capturable
-        if self.device.type == "cuda" and getattr(cfg, "_experts_implementation", None) in (None, "eager"):
-            # The eager experts loop syncs with the host per expert; grouped_mm does not (and graphs capture it).
-            cfg._experts_implementation = "grouped_mm"
         self.layers = list(model.model.layers)
         n_layers, r, d_rope = len(self.layers), cfg.kv_lora_rank, cfg.qk_rope_head_dim
         self.ckv = torch.zeros(n_layers, batch_size, max_len, r, dtype=self.dtype, device=self.device)
@@ -57,6 +56,10 @@ class FastDecoder:
             w = layer.self_attn.kv_b_proj.weight.view(h, nope + v, r)
             self.w_uk.append(w[:, :nope])   # [H, nope, r]
             self.w_uv.append(w[:, nope:])   # [H, v, r]
+        # The decode step's inputs live at fixed addresses: a captured graph reads exactly these tensors.
+        self.s_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+        self.s_pos = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+        self.s_slot = torch.zeros(1, dtype=torch.long, device=self.device)
         self._graph = None
 
     @staticmethod
@@ -116,7 +119,7 @@ class FastDecoder:
         return self._forward(self.s_ids, self.s_pos, self.s_slot)
 
     def _ensure_graph(self) -> None:
-        if self._graph is not None or not self.use_graph:
+        if self._graph is not None:
             return
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -135,11 +138,7 @@ class FastDecoder:
         """Returns new tokens [B, N] and the logits each was drawn from, log-softmaxed at ``temperature``:
         per-token log-probs [B, N] (fp32). Rows past EOS keep decoding (static shapes) and are cut by the caller."""
         b, p = ids.shape
-        if b != self.batch_size or p + max_new_tokens > self.max_len:
-            raise ValueError(f"batch {b} / length {p + max_new_tokens} exceed the decoder's {self.batch_size} / {self.max_len}")
-        self.s_ids = torch.zeros(b, 1, dtype=torch.long, device=self.device)
-        self.s_pos = torch.zeros(b, 1, dtype=torch.long, device=self.device)
-        self.s_slot = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._check(b, p + max_new_tokens)
         logits = self.prefill(ids, attention_mask)
         tokens, logps = [], []
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
@@ -153,23 +152,43 @@ class FastDecoder:
                     break
             if k == max_new_tokens - 1:
                 break
-            self.s_ids.copy_(tok.view(b, 1))
-            self.pos += 1
-            self.s_pos.copy_(self.pos)
-            self.s_slot.fill_(p + k)
-            if self.use_graph:
-                if self._graph is None:
-                    self._ensure_graph_for_step()
-                self._graph.replay()
-                logits = self.s_logits
-            else:
-                logits = self._step_eager()
+            logits = self._step(tok, p + k)
         return torch.stack(tokens, 1), torch.stack(logps, 1)
 
-    def _ensure_graph_for_step(self) -> None:
-        """Capture after the first real step's inputs are in place; the warm-up steps rewrite the
-        current slot with the same values, so the cache stays exact."""
+    def _check(self, batch: int, length: int) -> None:
+        if batch != self.batch_size or length > self.max_len:
+            raise ValueError(f"batch {batch} / length {length} exceed the decoder's {self.batch_size} / {self.max_len}")
+
+    def _step(self, tok: torch.Tensor, slot: int) -> torch.Tensor:
+        """Feed tokens [B] at cache ``slot`` (one past the last) -> next logits [B, V]; graph when enabled."""
+        self.s_ids.copy_(tok.view(-1, 1))
+        self.pos += 1
+        self.s_pos.copy_(self.pos)
+        self.s_slot.fill_(slot)
+        if not self.use_graph:
+            return self._step_eager()
+        # Captured on the first step with its inputs in place: the warm-up runs rewrite the current
+        # slot with the same values, so the cache stays exact.
         self._ensure_graph()
+        self._graph.replay()
+        return self.s_logits
+
+    @torch.no_grad()
+    def teacher_forced(self, ids: torch.Tensor, attention_mask: torch.Tensor,
+                       tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed given continuations [B, N] through the same decode steps: log-probs of those tokens
+        and of each step's best token, both [B, N] (how another engine's output scores here)."""
+        p = ids.shape[1]
+        self._check(ids.shape[0], p + tokens.shape[1])
+        logits = self.prefill(ids, attention_mask)
+        chosen, best = [], []
+        for k in range(tokens.shape[1]):
+            lp = logits.log_softmax(-1)
+            chosen.append(lp.gather(-1, tokens[:, k:k + 1]).squeeze(-1))
+            best.append(lp.max(-1).values)
+            if k < tokens.shape[1] - 1:
+                logits = self._step(tokens[:, k], p + k)
+        return torch.stack(chosen, 1), torch.stack(best, 1)
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, gens) -> tuple[torch.Tensor, torch.Tensor]:

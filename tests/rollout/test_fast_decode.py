@@ -48,10 +48,12 @@ def test_greedy_tokens_and_logprobs_equal_transformers():
     assert (logp - hf_logp).abs().max() < 1e-4
 
 
-def test_latent_cache_is_576_values_per_layer():
+def test_reported_kv_bytes_are_what_the_decoder_allocates_per_token():
     policy, _ = _policy(lora=False)
-    cfg = policy.model.config
-    assert FastDecoder.kv_bytes_per_token(cfg, torch.bfloat16) == cfg.num_hidden_layers * 576 * 2
+    dec = FastDecoder(policy.model, batch_size=2, max_len=16)
+    allocated = sum(t.element_size() * t.numel() for t in (dec.ckv, dec.kpe)) // (2 * 16)
+    assert allocated == FastDecoder.kv_bytes_per_token(policy.model.config, torch.float32)
+    assert dec.ckv.shape[-1] + dec.kpe.shape[-1] == 576, "only the latent and the rope key are cached"
 
 
 def test_engine_with_lora_matches_hf_engine_and_leaves_weights_unmerged():
@@ -85,3 +87,21 @@ def test_samples_equal_the_hf_engine_with_the_same_seeds():
     assert [c.token_ids for r in a for c in r.completions] == [c.token_ids for r in b for c in r.completions]
     alone = fast.generate(prompts[2:3], SamplingSettings(n=3, temperature=0.9, top_p=0.95, max_new_tokens=10, seeds=[13]))
     assert [c.token_ids for c in alone[0].completions] == [c.token_ids for c in a[2].completions]
+
+
+def test_decoder_is_reusable_and_teacher_forcing_matches_its_own_decoding():
+    """One decoder serves many calls (its step inputs stay at fixed addresses, as a CUDA graph
+    needs); feeding back its own greedy tokens scores each as that step's best token."""
+    policy, _ = _policy(lora=False)
+    model, tok = policy.model.eval(), policy.tokenizer
+    dec = FastDecoder(model, 3, 48)
+    ids_a, mask_a = _padded(tok, PROMPTS[:3])
+    ids_b, mask_b = _padded(tok, PROMPTS[2:])
+    first, _ = dec.generate(ids_a, mask_a, 12)
+    statics = (dec.s_ids.data_ptr(), dec.s_pos.data_ptr(), dec.s_slot.data_ptr())
+    dec.generate(ids_b, mask_b, 12)
+    again, logp = dec.generate(ids_a, mask_a, 12)
+    assert torch.equal(first, again)
+    assert (dec.s_ids.data_ptr(), dec.s_pos.data_ptr(), dec.s_slot.data_ptr()) == statics
+    chosen, best = dec.teacher_forced(ids_a, mask_a, again)
+    assert torch.allclose(chosen, logp, atol=1e-6) and torch.allclose(chosen, best, atol=1e-6)
