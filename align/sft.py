@@ -18,6 +18,7 @@ from trl.trainer.callbacks import RichProgressCallback
 from align import data as data_mod
 from align import plots, rundir
 from align.config import AlignConfig
+from align.dist import Dist
 from align.errors import AlignError
 from align.moe import ExpertMonitor
 from align.policy import Policy, load_policy
@@ -33,6 +34,7 @@ class AlignSFTTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         self.monitor = monitor
         self.metrics = metrics
+        self.dist = Dist(self.accelerator)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
@@ -46,8 +48,8 @@ class AlignSFTTrainer(SFTTrainer):
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if self.monitor is not None and "loss" in logs:
-            if self.accelerator.num_processes > 1:
-                self.monitor.merge_ranks(lambda t: self.accelerator.reduce(t.to(self.accelerator.device), "sum"))
+            if self.dist.world > 1:
+                self.monitor.merge_ranks(self.dist.sum_tensor)
             logs.update(self.monitor.summary())
             if hasattr(self, "_aux_total"):
                 passes = max(1, self.args.logging_steps * self.args.gradient_accumulation_steps)
@@ -134,11 +136,6 @@ def held_out_accuracy(policy: Policy, rows: list[dict], cfg: AlignConfig, synced
                             {"math": 1.0}, cfg.eval, cfg.train.seed)
 
 
-def _shards_params(trainer) -> bool:
-    ds = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-    return trainer.is_fsdp_enabled or (ds is not None and ds.zero_stage == 3)
-
-
 def _save_final(trainer, policy: Policy, run_dir: Path, state: PartialState) -> None:
     staging = run_dir / ".final.tmp"
     if state.num_processes == 1:
@@ -201,7 +198,7 @@ def run_sft(cfg: AlignConfig) -> dict:
     train_out = trainer.train(resume_from_checkpoint=resume_from)
     if monitor is not None:
         monitor.active = False
-    synced = _shards_params(trainer)
+    synced = trainer.dist.shards_params
     after = held_out_accuracy(policy, held, cfg, synced=synced) if main or synced else {}
     _save_final(trainer, policy, run_dir, state)
     summary = {

@@ -21,15 +21,7 @@ from align.expert_lora import use_grouped_expert_lora  # noqa: E402
 from align.lora import native_v5_targets, peft_config  # noqa: E402
 from bench.common import write  # noqa: E402
 from bench.decode import TINY, V2_LITE, build  # noqa: E402
-from bench.update import set_grouped, step_fn  # noqa: E402
-
-
-def grads(model, ids, grouped: bool):
-    set_grouped(model, grouped)
-    model.zero_grad(set_to_none=True)
-    loss = step_fn(model, ids, True)
-    loss.backward()
-    return float(loss), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+from bench.update import grads, max_rel_diff  # noqa: E402
 
 
 def main() -> None:
@@ -54,10 +46,7 @@ def main() -> None:
     res = {"layers": 2, "tokens": ids.numel()}
     g_loss, g = grads(model, ids, grouped=True)
 
-    def rel(a, b):
-        return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-30)) for k in b)
-
-    res["fp32"] = {"loss_peft": ref_loss, "loss_grouped": g_loss, "max_rel_grad_diff": rel(g, ref)}
+    res["fp32"] = {"loss_peft": ref_loss, "loss_grouped": g_loss, "max_rel_grad_diff": max_rel_diff(g, ref)}
     if device == "cuda":
         half = copy.deepcopy(model)
         for n, p in half.named_parameters():
@@ -68,7 +57,7 @@ def main() -> None:
                 m._grouped_forward = m.forward
         for grouped in (False, True):
             loss, gg = grads(half, ids, grouped)
-            res[f"bf16_{'grouped' if grouped else 'peft'}_vs_fp32"] = {"loss": loss, "max_rel_grad_err": rel(gg, ref),
+            res[f"bf16_{'grouped' if grouped else 'peft'}_vs_fp32"] = {"loss": loss, "max_rel_grad_err": max_rel_diff(gg, ref),
                                                                         "loss_err": abs(loss - ref_loss)}
     write(f"expert_lora_check_{device}", res)
 

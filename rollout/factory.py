@@ -1,4 +1,5 @@
-"""Pick the rollout engine: vLLM when importable (or asked for), else the HF fallback."""
+"""Pick the rollout engine: vLLM when importable (or asked for), else align's fast decoder on a GPU,
+else the HF fallback."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ log = logging.getLogger(__name__)
 
 def make_engine(kind: str, policy, rollout_cfg, model_dir: Path | None = None, dtype: str = "float32",
                 max_model_len: int = 512, dist=None, full_weights=None):
-    """``kind``: auto | vllm | hf. vLLM starts from ``model_dir`` (a saved merged policy).
+    """``kind``: auto | vllm | fast | hf. vLLM starts from ``model_dir`` (a saved merged policy).
 
     ``dist`` (an :class:`align.dist.Dist`): under several processes each rank gets its own engine
     for its prompts; vLLM engines with ``tensor_parallel_size`` k are shared by k consecutive ranks.

@@ -200,8 +200,9 @@ def _check_launch(cfg: AlignConfig, dist: Dist) -> None:
                          f"not under {dist.backend} yet (set train.save_steps=0)")
 
 
-def _train_step(cfg, ctx: dict, step: int) -> dict | None:
-    """One GRPO step on every rank; returns the rank-reduced metrics (None when all groups were dropped)."""
+def _train_step(cfg, ctx: dict, step: int) -> dict:
+    """One GRPO step on every rank; returns the rank-reduced metrics (``skipped`` when some rank kept
+    no informative group, in which case no rank updates)."""
     dist, policy, fwd, engine = ctx["dist"], ctx["policy"], ctx["fwd"], ctx["engine"]
     t_step = time.perf_counter()
     engine.wake_up()

@@ -18,9 +18,7 @@ from align.losses import get_loss, mismatch_metrics, tis_weights
 
 
 def _logp(fwd, b: UpdateBatch, temperature: float, entropy: bool = False):
-    device = next(fwd.parameters()).device
-    return fwd(b.input_ids.to(device), b.attention_mask.to(device), b.position_ids.to(device), b.prompt_width,
-               temperature, with_entropy=entropy)
+    return fwd(b.input_ids, b.attention_mask, b.position_ids, b.prompt_width, temperature, with_entropy=entropy)
 
 
 def local_chunks(n_local: int, minibatch_size: int, dist: Dist | None) -> list[torch.Tensor]:
@@ -39,10 +37,11 @@ def fill_old_and_ref(policy, fwd, batch: UpdateBatch, cfg: GRPOConfig, temperatu
     model = policy.model
     was = model.training
     model.eval()
+    device = next(fwd.parameters()).device
     try:
         olds, refs = [], []
         for k, idx in enumerate(local_chunks(batch.size, cfg.minibatch_size, dist)):
-            mb = batch.rows(idx)
+            mb = batch.rows(idx).to(device)
             if need_old:
                 with replay("record", key=k) if replay is not None else _nullctx():
                     olds.append(_logp(fwd, mb, temperature)[0].cpu())
@@ -55,11 +54,14 @@ def fill_old_and_ref(policy, fwd, batch: UpdateBatch, cfg: GRPOConfig, temperatu
         model.train(was)
 
 
-def _global_norm(mb: UpdateBatch, dist: Dist | None) -> dict | None:
+def _global_counts(mb: UpdateBatch, dist: Dist | None) -> tuple[dict | None, float, bool]:
+    """(loss normalizer over all ranks or None for one process, completion tokens everywhere, whether
+    some rank has no rows in this minibatch) — one collective."""
+    tokens = float(mb.completion_mask.sum())
     if dist is None or dist.world == 1:
-        return None
-    seqs, toks = dist.sum([mb.size, float(mb.completion_mask.sum())])
-    return {"num_seqs": int(seqs), "num_tokens": toks}
+        return None, tokens, mb.size == 0
+    seqs, toks, empty = dist.sum([mb.size, tokens, float(mb.size == 0)])
+    return {"num_seqs": int(seqs), "num_tokens": toks}, toks, empty > 0
 
 
 def policy_update(policy, fwd, batch: UpdateBatch, cfg: GRPOConfig, optimizer, scheduler, temperature: float,
@@ -79,9 +81,8 @@ def policy_update(policy, fwd, batch: UpdateBatch, cfg: GRPOConfig, optimizer, s
     for _ in range(cfg.mu):
         for k, idx in enumerate(chunks):
             mb = batch.rows(idx).to(device)
-            norm = _global_norm(mb, dist)
-            tokens = norm["num_tokens"] if norm is not None else float(mb.completion_mask.sum())
-            if tokens == 0 or (dist is not None and dist.min(mb.size) == 0):
+            norm, tokens, some_empty = _global_counts(mb, dist)
+            if tokens == 0 or some_empty:
                 continue
             ctx = replay("replay", key=k) if replay is not None else _nullctx()
             with ctx:
