@@ -56,4 +56,5 @@ def test_reference_pass_and_merge_still_use_peft():
 def test_load_policy_applies_it_by_default():
     cfg = load_config(None, ["lora.enabled=true"])
     policy = load_policy(cfg.model, cfg.lora)
-    assert sum(hasattr(m, "_peft_forward") for m in policy.model.modules()) == cfg.model.tiny.num_hidden_layers - 1
+    patched = [m for m in policy.model.modules() if hasattr(m, "_peft_forward") and type(m).__name__ == "ParamWrapper"]
+    assert len(patched) == cfg.model.tiny.num_hidden_layers - 1
