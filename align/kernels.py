@@ -1,8 +1,8 @@
 """Fused elementwise kernels for DeepSeek-V2 training on GPUs (torch.compile, one graph per op).
 
 A LoRA update of V2-Lite spends about half its GPU time in elementwise kernels (profile in
-``bench/results/profile_update_cuda.txt``): RMSNorm's fp32 round trip, the complex-number rope and
-SwiGLU each launch several full-size kernels. Each is compiled here as a pure function of its tensors
+``bench/results/profile_update_cuda.txt``): RMSNorm's fp32 round trip, the complex-number rope,
+SwiGLU and the vocabulary-wide log-softmax each launch several full-size kernels. Each is compiled here as a pure function of its tensors
 (weights passed as arguments, so every layer shares one compiled graph) and patched into
 transformers' DeepSeek-V2 module. GPU only: on the CPU nothing changes.
 """
@@ -38,16 +38,29 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def logp_from_logits(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / T)[targets]: logits [N, V] (any float dtype), targets [N] -> [N] fp32."""
+    scaled = logits.float() / temperature
+    return scaled.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scaled, -1)
+
+
 _swiglu_compiled = None
+_logp_compiled = None
 
 
 def fused_swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return (_swiglu_compiled or swiglu)(gate_up)
 
 
+def fused_logp_from_logits(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """:func:`logp_from_logits` as one compiled reduction (no fp32 copy of the [N, V] logits) once patched."""
+    return (_logp_compiled or logp_from_logits)(logits, targets, temperature)
+
+
 def use_fused_kernels() -> bool:
-    """Patch RMSNorm, rope and the experts' SwiGLU with compiled versions when a GPU is present."""
-    global _PATCHED, _swiglu_compiled
+    """Patch RMSNorm, rope, the experts' SwiGLU and the log-prob reduction with compiled versions when a GPU
+    is present."""
+    global _PATCHED, _swiglu_compiled, _logp_compiled
     if _PATCHED or not torch.cuda.is_available():
         return _PATCHED
     from torch.utils._triton import has_triton
@@ -60,5 +73,6 @@ def use_fused_kernels() -> bool:
     m.DeepseekV2RMSNorm.forward = lambda self, x: rms(x, self.weight, self.variance_epsilon)
     m.apply_rotary_emb = torch.compile(_rope, dynamic=True)
     _swiglu_compiled = torch.compile(swiglu, dynamic=True)
+    _logp_compiled = torch.compile(logp_from_logits, dynamic=True)
     _PATCHED = True
     return True

@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from align.kernels import fused_logp_from_logits
+
 
 def _decoder_and_head(model: torch.nn.Module):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -14,8 +16,7 @@ def _decoder_and_head(model: torch.nn.Module):
 
 
 def _chunk_logp(h: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, temperature: float) -> torch.Tensor:
-    logits = head(h).float() / temperature
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+    return fused_logp_from_logits(head(h), targets, temperature)
 
 
 @torch.no_grad()
