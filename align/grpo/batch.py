@@ -34,6 +34,31 @@ class UpdateBatch:
                            move(self.completion_mask), move(self.rollout_logp), move(self.advantages),
                            self.prompt_width, move(self.truncated), move(self.old_logp), move(self.ref_logp))
 
+    @property
+    def completion_width(self) -> int:
+        return self.completion_mask.shape[1]
+
+    def trimmed(self) -> "UpdateBatch":
+        """The same rows without the completion columns that are padding in every row (exact: attention is
+        causal and completions are right-padded, so earlier tokens never see those columns)."""
+        used = self.attention_mask[:, self.prompt_width:].any(0).nonzero()
+        keep = int(used.max()) + 1 if used.numel() else 1
+        if keep == self.completion_width:
+            return self
+        full, comp = slice(None, self.prompt_width + keep), slice(None, keep)
+        cut = lambda t, sl: None if t is None else t[:, sl]  # noqa: E731
+        return UpdateBatch(cut(self.input_ids, full), cut(self.attention_mask, full), cut(self.position_ids, full),
+                           cut(self.completion_mask, comp), cut(self.rollout_logp, comp), self.advantages,
+                           self.prompt_width, self.truncated, cut(self.old_logp, comp), cut(self.ref_logp, comp))
+
+    def micro_batches(self, n: int) -> list[tuple[torch.Tensor, "UpdateBatch"]]:
+        """``n`` parts of these rows as (row indices, part), rows ordered by completion length so that each
+        part drops the padding columns none of its rows use."""
+        if n <= 1:
+            return [(torch.arange(self.size), self.trimmed())]
+        order = self.attention_mask[:, self.prompt_width:].sum(-1).argsort(stable=True)
+        return [(idx, self.rows(idx).trimmed()) for idx in order.tensor_split(n)]
+
     def rows(self, idx: torch.Tensor | slice) -> "UpdateBatch":
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
         return UpdateBatch(pick(self.input_ids), pick(self.attention_mask), pick(self.position_ids),

@@ -26,7 +26,7 @@ from align.errors import AlignError
 from align.grpo import state as ckpt
 from align.grpo.batch import build_batch
 from align.grpo.logprobs import CompletionLogprobs
-from align.grpo.update import fill_old_and_ref, policy_update
+from align.grpo.update import check_accumulation, fill_old_and_ref, policy_update
 from align.moe import ExpertMonitor, RouterReplay
 from align.policy import Policy, load_policy
 from eval.core import held_out_summary
@@ -195,6 +195,8 @@ def _save_final(run_dir: Path, policy: Policy, fwd, dist: Dist) -> None:
 def _check_launch(cfg: AlignConfig, dist: Dist) -> None:
     dist.local_minibatch(cfg.grpo.minibatch_size)
     dist.prompt_indices(cfg.grpo.prompts_per_step, cfg.rollout.num_generations, cfg.grpo.minibatch_size)
+    if cfg.grpo.micro_batch_size:
+        check_accumulation(dist, 2)
     if dist.backend != "ddp" and (cfg.train.save_steps or cfg.train.resume):
         raise AlignError(f"train.save_steps / train.resume: periodic checkpoints are written for DDP runs only, "
                          f"not under {dist.backend} yet (set train.save_steps=0)")

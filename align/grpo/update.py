@@ -12,7 +12,8 @@ import math
 import torch
 
 from align.config import GRPOConfig
-from align.dist import Dist
+from align.dist import SUM_KEYS, Dist
+from align.errors import AlignError
 from align.grpo.batch import UpdateBatch, minibatches
 from align.losses import get_loss, mismatch_metrics, tis_weights
 
@@ -29,39 +30,119 @@ def local_chunks(n_local: int, minibatch_size: int, dist: Dist | None) -> list[t
     return list(torch.arange(n_local).tensor_split(max(1, math.ceil(n_global / minibatch_size))))
 
 
+def micro_count(n_local: int, micro_batch_size: int, dist: Dist | None) -> int:
+    """Micro-batches per minibatch, the same on every rank (sharded weights make every forward a
+    collective): enough that no rank's parts exceed ``micro_batch_size``, never more than a rank has rows."""
+    want = math.ceil(n_local / micro_batch_size) if micro_batch_size > 0 and n_local else 1
+    if dist is None or dist.world == 1:
+        return max(1, want)
+    want = -dist.min(-want)
+    return int(max(1, min(want, dist.min(n_local))))
+
+
+def check_accumulation(dist: Dist | None, n_micro: int) -> None:
+    if n_micro > 1 and dist is not None and dist.backend.startswith("deepspeed"):
+        raise AlignError("grpo.micro_batch_size: gradient accumulation inside a minibatch is not supported "
+                         "under DeepSpeed yet (its engine steps after every backward); use DDP or FSDP2 "
+                         "(recipes/accelerate/ddp.yaml, fsdp2.yaml) or set grpo.micro_batch_size=0")
+
+
+def _widen(t: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, width - t.shape[1])) if t.shape[1] < width else t
+
+
 @torch.no_grad()
 def fill_old_and_ref(policy, fwd, batch: UpdateBatch, cfg: GRPOConfig, temperature: float, replay=None,
                      need_old: bool = True, dist: Dist | None = None) -> None:
     """Old-policy log-probs (recording routing for replay) when ``need_old``, and reference log-probs
-    (adapter off) when beta > 0."""
+    (adapter off) when beta > 0, a micro-batch at a time."""
     model = policy.model
     was = model.training
     model.eval()
     device = next(fwd.parameters()).device
+    width = batch.completion_width
+    olds, refs = torch.zeros(batch.size, width), torch.zeros(batch.size, width)
     try:
-        olds, refs = [], []
         for k, idx in enumerate(local_chunks(batch.size, cfg.minibatch_size, dist)):
             mb = batch.rows(idx).to(device)
-            if need_old:
-                with replay("record", key=k) if replay is not None else _nullctx():
-                    olds.append(_logp(fwd, mb, temperature)[0].cpu())
-            if cfg.beta > 0:
-                with policy.reference():
-                    refs.append(_logp(fwd, mb, temperature)[0].cpu())
-        batch.old_logp = torch.cat(olds) if olds else None
-        batch.ref_logp = torch.cat(refs) if refs else None
+            for j, (rows, part) in enumerate(mb.micro_batches(micro_count(mb.size, cfg.micro_batch_size, dist))):
+                at = idx[rows.cpu()]
+                if need_old:
+                    with replay("record", key=(k, j)) if replay is not None else _nullctx():
+                        olds[at] = _widen(_logp(fwd, part, temperature)[0].float().cpu(), width)
+                if cfg.beta > 0:
+                    with policy.reference():
+                        refs[at] = _widen(_logp(fwd, part, temperature)[0].float().cpu(), width)
+        batch.old_logp = olds if need_old else None
+        batch.ref_logp = refs if cfg.beta > 0 else None
     finally:
         model.train(was)
 
 
-def _global_counts(mb: UpdateBatch, dist: Dist | None) -> tuple[dict | None, float, bool]:
-    """(loss normalizer over all ranks or None for one process, completion tokens everywhere, whether
-    some rank has no rows in this minibatch) — one collective."""
+def _global_counts(mb: UpdateBatch, dist: Dist | None) -> tuple[dict, float, bool]:
+    """(loss normalizer: sequences and completion tokens of the whole minibatch over all ranks, those
+    tokens, whether some rank has no rows in this minibatch) — one collective."""
     tokens = float(mb.completion_mask.sum())
     if dist is None or dist.world == 1:
-        return None, tokens, mb.size == 0
+        return {"num_seqs": mb.size, "num_tokens": tokens}, tokens, mb.size == 0
     seqs, toks, empty = dist.sum([mb.size, tokens, float(mb.size == 0)])
     return {"num_seqs": int(seqs), "num_tokens": toks}, toks, empty > 0
+
+
+def _merge(parts: list[tuple[dict, float]]) -> dict:
+    """Metrics of one minibatch from its micro-batches': shares of the loss add up, maxima stay maxima,
+    means are weighted by completion tokens."""
+    total = sum(w for _, w in parts) or 1.0
+    out = {}
+    for key in parts[0][0]:
+        vals = [(m[key], w) for m, w in parts if key in m]
+        if key in SUM_KEYS:
+            out[key] = sum(v for v, _ in vals)
+        elif key.endswith("_max"):
+            out[key] = max(v for v, _ in vals)
+        else:
+            out[key] = sum(v * w for v, w in vals) / total
+    return out
+
+
+def _backward_minibatch(fwd, mb: UpdateBatch, k: int, cfg: GRPOConfig, temperature: float, max_len: int,
+                        norm: dict, monitor, replay, dist: Dist | None):
+    """Forward and backward of one minibatch a micro-batch at a time (gradients accumulate; DDP syncs on
+    the last); returns (metrics, entropy/ratio rows, finite) without stepping."""
+    loss_fn = get_loss(cfg.loss)
+    world = dist.world if dist is not None else 1
+    micro = mb.micro_batches(micro_count(mb.size, cfg.micro_batch_size, dist))
+    check_accumulation(dist, len(micro))
+    parts, ents, ratios = [], [], []
+    for j, (_, part) in enumerate(micro):
+        with replay("replay", key=(k, j)) if replay is not None else _nullctx():
+            logp, ent = _logp(fwd, part, temperature, entropy=True)
+        old = part.old_logp if part.old_logp is not None else logp.detach()
+        weights = tis_weights(old, part.rollout_logp, cfg.tis_cap) if cfg.tis_cap > 0 else None
+        loss, m = loss_fn(logp, old, part.advantages, part.completion_mask, epsilon=cfg.epsilon,
+                          epsilon_high=cfg.epsilon_high, ref_logp=part.ref_logp, beta=cfg.beta,
+                          kl_estimator=cfg.kl_estimator, tis_weights=weights, max_len=max_len, norm=norm)
+        aux = monitor.pop_aux_loss() if monitor is not None else None
+        if aux is not None:
+            m["moe/balance_loss"] = float(aux)
+            loss = loss + aux * (part.size / mb.size) / world
+        ok = dist.min(float(torch.isfinite(loss))) if dist is not None else float(torch.isfinite(loss))
+        if not ok:
+            return {}, [], [], False
+        # Ranks' gradients are averaged; the rank losses are additive shares, so scale by the world size.
+        last = j == len(micro) - 1
+        if dist is not None:
+            with dist.acc.no_sync(fwd) if not last else _nullctx():
+                dist.acc.backward(loss * world)
+        else:
+            loss.backward()
+        cm = part.completion_mask.bool()
+        m.update(mismatch_metrics(old, part.rollout_logp, part.completion_mask))
+        parts.append((m, float(cm.sum())))
+        if cm.any():
+            ents.append(ent[cm].float().cpu())
+            ratios.append(torch.exp(logp.detach() - old)[cm].float().cpu())
+    return _merge(parts), ents, ratios, True
 
 
 def policy_update(policy, fwd, batch: UpdateBatch, cfg: GRPOConfig, optimizer, scheduler, temperature: float,
@@ -70,10 +151,8 @@ def policy_update(policy, fwd, batch: UpdateBatch, cfg: GRPOConfig, optimizer, s
     """mu iterations over fixed minibatches; returns (metrics, finite). Non-finite losses skip the step
     (on every rank at once, so collectives stay matched)."""
     fwd.train()
-    loss_fn = get_loss(cfg.loss)
     params = [p for p in fwd.parameters() if p.requires_grad]
     device = params[0].device
-    world = dist.world if dist is not None else 1
     chunks = local_chunks(batch.size, cfg.minibatch_size, dist)
     agg: dict[str, list[float]] = {}
     finite = True
@@ -84,29 +163,15 @@ def policy_update(policy, fwd, batch: UpdateBatch, cfg: GRPOConfig, optimizer, s
             norm, tokens, some_empty = _global_counts(mb, dist)
             if tokens == 0 or some_empty:
                 continue
-            ctx = replay("replay", key=k) if replay is not None else _nullctx()
-            with ctx:
-                logp, ent = _logp(fwd, mb, temperature, entropy=True)
-            old = mb.old_logp if mb.old_logp is not None else logp.detach()
-            weights = tis_weights(old, mb.rollout_logp, cfg.tis_cap) if cfg.tis_cap > 0 else None
-            loss, m = loss_fn(logp, old, mb.advantages, mb.completion_mask, epsilon=cfg.epsilon,
-                              epsilon_high=cfg.epsilon_high, ref_logp=mb.ref_logp, beta=cfg.beta,
-                              kl_estimator=cfg.kl_estimator, tis_weights=weights, max_len=max_len, norm=norm)
-            aux = monitor.pop_aux_loss() if monitor is not None else None
-            if aux is not None:
-                m["moe/balance_loss"] = float(aux)
-                loss = loss + aux / world
-            ok = dist.min(float(torch.isfinite(loss))) if dist is not None else float(torch.isfinite(loss))
             optimizer.zero_grad(set_to_none=True)
+            m, ents, rs, ok = _backward_minibatch(fwd, mb, k, cfg, temperature, max_len, norm, monitor, replay, dist)
             if not ok:
                 finite = False
+                optimizer.zero_grad(set_to_none=True)
                 continue
-            # Ranks' gradients are averaged; the rank losses are additive shares, so scale by the world size.
             if dist is not None:
-                dist.acc.backward(loss * world)
                 gn = dist.acc.clip_grad_norm_(params, max_grad_norm)
             else:
-                loss.backward()
                 gn = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             if gn is not None and not torch.isfinite(torch.as_tensor(gn)):
                 finite = False
@@ -116,12 +181,11 @@ def policy_update(policy, fwd, batch: UpdateBatch, cfg: GRPOConfig, optimizer, s
             scheduler.step()
             if gn is not None:
                 m["actor/grad_norm"] = float(gn)
-            cm = mb.completion_mask.bool()
-            if not cm.any():
+            if not ents:
                 continue
-            m["actor/entropy"] = float(ent[cm].mean())
-            ratios.append(torch.exp(logp.detach() - old)[cm].float().cpu())
-            for key, v in {**m, **mismatch_metrics(old, mb.rollout_logp, mb.completion_mask)}.items():
+            m["actor/entropy"] = float(torch.cat(ents).mean())
+            ratios.extend(rs)
+            for key, v in m.items():
                 agg.setdefault(key, []).append(v)
     out = {k: sum(v) / len(v) for k, v in agg.items()}
     if "mismatch/abs_logp_max" in agg:

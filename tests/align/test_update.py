@@ -1,5 +1,6 @@
 """One GRPO update on hand-made rollouts: learning direction, NaN guard, batch layout."""
 
+import pytest
 import torch
 from transformers import get_scheduler
 
@@ -70,3 +71,70 @@ def test_crashing_reward_scores_zero_and_is_logged(caplog, monkeypatch):
     total, per, reasons = Combined({"boom": 1.0}).score(["x", "y"], answer=["1", "2"])
     assert total == [0.0, 0.0] and "verifier broke" in reasons["boom"][0]
     assert "verifier broke" in caplog.text
+
+
+def test_trimmed_and_micro_batches_keep_every_row_and_drop_only_padding():
+    _, batch, _, _ = _setup()
+    parts = batch.micro_batches(3)
+    rows = torch.cat([idx for idx, _ in parts])
+    assert sorted(rows.tolist()) == list(range(batch.size))
+    lengths = batch.attention_mask[:, batch.prompt_width:].sum(-1)
+    assert lengths[rows].tolist() == sorted(lengths.tolist()), "rows grouped by completion length"
+    for idx, part in parts:
+        assert part.completion_width == max(1, int(lengths[idx].max()))
+        assert torch.equal(part.input_ids, batch.input_ids[idx, :batch.prompt_width + part.completion_width])
+        assert torch.equal(part.completion_mask, batch.completion_mask[idx, :part.completion_width])
+    assert batch.trimmed().completion_width == 3 and batch.rows(slice(2, 4)).trimmed().completion_width == 2
+
+
+def _update_with(micro: int):
+    from align.grpo.update import fill_old_and_ref
+
+    policy, batch, _, _ = _setup()
+    with torch.no_grad():
+        for n, p in policy.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+    # SGD: the parameter change is the (clipped) gradient itself; Adam's first step would amplify noise.
+    opt = torch.optim.SGD([p for p in policy.model.parameters() if p.requires_grad], lr=1.0)
+    sched = get_scheduler("constant", opt)
+    cfg = GRPOConfig(minibatch_size=4, micro_batch_size=micro, beta=0.1)
+    fwd = CompletionLogprobs(policy.model)
+    fill_old_and_ref(policy, fwd, batch, cfg, 1.0)
+    metrics, finite = policy_update(policy, fwd, batch, cfg, opt, sched, 1.0, 3, 1.0)
+    params = {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
+    return batch, metrics, params
+
+
+def test_micro_batches_accumulate_to_the_whole_minibatch_step():
+    whole, m_whole, p_whole = _update_with(0)
+    split, m_split, p_split = _update_with(1)
+    real = whole.attention_mask[:, whole.prompt_width:].bool()  # trimmed padding columns stay 0
+    assert torch.allclose(split.old_logp[real], whole.old_logp[real], atol=1e-6)
+    assert torch.allclose(split.ref_logp[real], whole.ref_logp[real], atol=1e-6)
+    assert (split.old_logp[~real] == 0).all() and (~real).any()
+    for key in ("actor/pg_loss", "actor/grad_norm", "actor/entropy", "actor/kl", "actor/clipfrac"):
+        assert m_split[key] == pytest.approx(m_whole[key], rel=1e-5, abs=1e-7), key
+    for n in p_whole:
+        assert torch.allclose(p_split[n], p_whole[n], atol=1e-6), n
+
+
+def test_micro_count_agrees_over_ranks_and_refuses_deepspeed():
+    from align.errors import AlignError
+    from align.grpo.update import check_accumulation, micro_count
+
+    class Ranks:
+        world, backend = 2, "deepspeed-zero2"
+
+        def __init__(self, others):
+            self.others = others
+
+        def min(self, v):
+            return min([v, *self.others.pop(0)])
+
+    assert micro_count(8, 3, None) == 3 and micro_count(8, 0, None) == 1
+    # This rank wants 3 parts (8 rows / 3); the other rank wants 4 but has only 2 rows.
+    assert micro_count(8, 3, Ranks([[-4], [2]])) == 2
+    with pytest.raises(AlignError, match="grpo.micro_batch_size"):
+        check_accumulation(Ranks([]), 2)
+    check_accumulation(Ranks([]), 1)
