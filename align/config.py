@@ -54,6 +54,7 @@ class ModelConfig:
     attn_implementation: str = _f("sdpa", "transformers attention: eager, sdpa, flash_attention_2.")
     experts_implementation: str = _f("auto", "Routed-experts kernel: auto (grouped_mm on GPU, eager on CPU), eager, grouped_mm, batched_mm.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    recompute_layers: int = _f(-1, "With gradient_checkpointing: recompute only the first N decoder layers and keep the other layers' activations (faster, more memory); -1 recomputes every layer.")
     fused_kernels: bool = _f(True, "On GPUs, compiled RMSNorm, rope and SwiGLU (align/kernels.py); no effect on the CPU.")
     trust_remote_code: bool = _f(False, "Allow hub models with custom code (not needed for DeepSeek-V2 on transformers>=5).")
 
@@ -70,6 +71,7 @@ class LoraConfig:
     routed_experts: bool = _f(True, "Adapt fused routed experts (experts.gate_up_proj, experts.down_proj) via target_parameters.")
     train_router: bool = _f(False, "Train the MoE router (gate) weights; frozen by default.")
     grouped_experts: bool = _f(True, "Apply routed-expert LoRA as grouped low-rank products instead of PEFT's W + ΔW stack (same function, align/expert_lora.py).")
+    addmm_dense: bool = _f(True, "Apply dense LoRA (attention, shared experts, dense MLP) as one addmm, base + x·A·(sB), instead of PEFT's separate scale and add (same function, align/dense_lora.py).")
     adapter_dtype: str = _f("float32", "LoRA weight dtype: float32 (PEFT's default) or bfloat16 (faster on GPUs: no fp32 casts around every adapter matmul).")
     modules_to_save: list = _f([], "Modules trained in full besides LoRA, e.g. [embed_tokens, lm_head].")
 
@@ -163,6 +165,7 @@ class GRPOConfig:
     kl_estimator: str = _f("k3", "KL estimator: k1, k2, k3.")
     mu: int = _f(1, "Update iterations per batch of rollouts.")
     minibatch_size: int = _f(64, "Sequences per optimizer minibatch over all processes.")
+    micro_batch_size: int = _f(0, "Sequences per forward/backward on each process inside a minibatch (gradients accumulate; rows grouped by length, padding trimmed); 0 runs the whole local minibatch at once.")
     dynamic_sampling: bool = _f(False, "Drop groups whose rewards are all equal.")
     mask_truncated: bool = _f(True, "Exclude completions cut at max_new_tokens from the loss.")
     tis_cap: float = _f(0.0, "Truncated importance-sampling cap for train/infer mismatch; 0 disables.")
@@ -285,6 +288,10 @@ def validate(cfg: AlignConfig) -> None:
     checks = [
         (cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype: one of float32, bfloat16, float16"),
         (cfg.lora.r > 0, "lora.r: must be > 0"),
+        (cfg.lora.dropout == 0 or not (cfg.lora.enabled and cfg.lora.routed_experts),
+         "lora.dropout: must be 0 with lora.routed_experts=true (LoRA on fused experts cannot apply dropout)"),
+        (cfg.grpo.micro_batch_size >= 0, "grpo.micro_batch_size: must be >= 0 (0: no accumulation)"),
+        (cfg.model.recompute_layers >= -1, "model.recompute_layers: -1 (every layer) or a layer count >= 0"),
         (cfg.train.batch_size > 0, "train.batch_size: must be > 0"),
         (cfg.train.learning_rate > 0, "train.learning_rate: must be > 0"),
         (cfg.lora.adapter_dtype in ("float32", "bfloat16"), "lora.adapter_dtype: one of float32, bfloat16"),

@@ -17,6 +17,7 @@ from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
 from align.config import LoraConfig, ModelConfig
+from align.dense_lora import use_addmm_lora
 from align.expert_lora import use_grouped_expert_lora
 from align.kernels import use_fused_kernels
 from align.lora import native_v5_targets, peft_config
@@ -109,6 +110,16 @@ def _base_name(peft_key: str) -> str:
     return peft_key.replace(".modules_to_save.default.", ".").replace(".base_layer", "")
 
 
+def recompute_only_first(model: torch.nn.Module, n: int) -> int:
+    """Keep gradient checkpointing on the first ``n`` decoder layers only (``n = -1``: all); returns how many
+    recompute. Recomputation costs about one extra forward per checkpointed layer, so a GPU with memory to
+    spare trains faster holding some layers' activations (``bench/update.py`` measures the trade)."""
+    layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing") and hasattr(m, "mlp")]
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = n < 0 or i < n
+    return sum(layer.gradient_checkpointing for layer in layers)
+
+
 def _freeze_router(model: torch.nn.Module, train: bool) -> None:
     for name, p in model.named_parameters():
         if name.endswith("mlp.gate.weight"):
@@ -138,6 +149,7 @@ def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, base_dir: str | Pa
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+        recompute_only_first(model, model_cfg.recompute_layers)
     if model_cfg.fused_kernels:
         use_fused_kernels()
     if lora_cfg.enabled:
@@ -145,6 +157,8 @@ def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, base_dir: str | Pa
             model = get_peft_model(model, peft_config(lora_cfg))
         if lora_cfg.grouped_experts and lora_cfg.routed_experts:
             log.info("grouped routed-expert LoRA on %d layers", use_grouped_expert_lora(model))
+        if lora_cfg.addmm_dense:
+            use_addmm_lora(model)
         if lora_cfg.adapter_dtype == "bfloat16":
             for name, p in model.named_parameters():
                 if "lora_" in name:

@@ -24,6 +24,8 @@ def test_overrides_fill_types():
     ("lora.enabled=3", "lora.enabled: expected bool"),
     ("model.dtype=int8", "model.dtype"),
     ("noequals", "expected key.sub=value"),
+    ("lora.dropout=0.1", "lora.dropout: must be 0 with lora.routed_experts=true"),
+    ("model.recompute_layers=-2", "model.recompute_layers"),
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):

@@ -85,3 +85,26 @@ def test_bf16_adapters_on_request():
     policy = load_policy(cfg.model, cfg.lora)
     dtypes = {p.dtype for n, p in policy.model.named_parameters() if "lora_" in n}
     assert dtypes == {torch.bfloat16}
+
+
+def test_recompute_only_first_layers_keeps_gradients_and_skips_recompute():
+    """Checkpointing fewer layers changes which forwards run twice, never the gradients."""
+    ids = torch.randint(5, 60, (2, 11), generator=torch.Generator().manual_seed(3))
+    results = {}
+    for n in (-1, 1, 0):
+        model_cfg = ModelConfig(gradient_checkpointing=True, recompute_layers=n)
+        policy = load_policy(model_cfg, LoraConfig())
+        policy.model.train()
+        calls = []
+        for i, layer in enumerate(m for m in policy.model.modules() if type(m).__name__ == "DeepseekV2DecoderLayer"):
+            layer.mlp.register_forward_pre_hook(lambda *_, i=i: calls.append(i))
+        policy.model(input_ids=ids, labels=ids).loss.backward()
+        grads = {k: p.grad.clone() for k, p in policy.model.named_parameters() if p.grad is not None}
+        results[n] = (sorted(calls), grads)
+    layers = model_cfg.tiny.num_hidden_layers
+    assert results[-1][0] == sorted(list(range(layers)) * 2)
+    assert results[1][0] == sorted([0, 0, *range(1, layers)])
+    assert results[0][0] == list(range(layers))
+    for n in (1, 0):
+        for k, g in results[-1][1].items():
+            assert torch.allclose(results[n][1][k], g, atol=1e-6), (n, k)
