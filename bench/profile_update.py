@@ -1,6 +1,6 @@
 """Where one V2-Lite LoRA update step spends GPU time (torch.profiler, top kernels), for choosing levers.
 
-    python bench/profile_update.py --batch 8 --seq 2048
+    python bench/profile_update.py --batch 8 --seq 2048      # align's levers: bf16 adapters, fused kernels, addmm
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from align.config import LoraConfig  # noqa: E402
+from align.dense_lora import use_addmm_lora  # noqa: E402
 from align.expert_lora import use_grouped_expert_lora  # noqa: E402
 from align.lora import native_v5_targets, peft_config  # noqa: E402
+from align.policy import recompute_only_first  # noqa: E402
 from bench.decode import V2_LITE, build  # noqa: E402
 from bench.update import step_fn  # noqa: E402
 
@@ -25,6 +27,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--no-ckpt", action="store_true")
+    ap.add_argument("--fp32-adapters", action="store_true", help="keep LoRA adapters in fp32 (the default before bf16 adapters)")
+    ap.add_argument("--unfused", action="store_true", help="do not compile RMSNorm / rope / SwiGLU")
+    ap.add_argument("--peft-dense", action="store_true", help="PEFT's dense LoRA forward instead of one addmm")
+    ap.add_argument("--recompute", type=int, default=-1, help="recompute only the first N decoder layers (-1: all)")
     ap.add_argument("--out", default="bench/results/profile_update_cuda.txt")
     a = ap.parse_args()
     from peft import get_peft_model
@@ -35,17 +41,35 @@ def main() -> None:
         model = get_peft_model(model, peft_config(LoraConfig(r=16, alpha=32)))
     model.enable_input_require_grads()
     use_grouped_expert_lora(model)
+    if not a.fp32_adapters:
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+    if not a.unfused:
+        from align.kernels import use_fused_kernels
+
+        use_fused_kernels()
+    if not a.peft_dense:
+        use_addmm_lora(model)
     if not a.no_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        recompute_only_first(model, a.recompute)
     model.train()
     ids = torch.randint(3, 1000, (a.batch, a.seq), device="cuda")
     for _ in range(2):
         step_fn(model, ids, True).backward()
     torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]) as prof:
         step_fn(model, ids, True).backward()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+    avg = prof.key_averages()
+    table = avg.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70) + "\nBy self CUDA time:\n" + \
+        avg.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    table = f"batch {a.batch} x seq {a.seq}, grad ckpt {not a.no_ckpt} (recompute {a.recompute}), bf16 adapters " \
+            f"{not a.fp32_adapters}, fused kernels {not a.unfused}, addmm dense LoRA {not a.peft_dense}; " \
+            f"peak {peak:.1f} GiB\n" + table
     Path(a.out).write_text(table)
     print(table)
 

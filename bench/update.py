@@ -5,12 +5,13 @@ vocab 102,400. Each row is forward + backward + AdamW step on ``batch x seq`` to
 transformers + PEFT with full-vocabulary logits (``labels=``) and gradient checkpointing.
 
     python bench/update.py                 # H100
-    python bench/update.py --shape tiny    # CPU smoke run
+    python bench/update.py --shape tiny --frontier 2:1 2:0   # CPU smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,7 +37,9 @@ def step_fn(model, ids, chunked: bool):
     return model(input_ids=ids, labels=ids).loss
 
 
-def measure(model, params, batch: int, seq: int, chunked: bool, steps: int, device: str) -> dict:
+def measure(model, params, batch: int, seq: int, chunked: bool, steps: int, device: str, micro: int = 0) -> dict:
+    """Median step of forward + backward + AdamW on ``batch x seq`` tokens; ``micro`` > 0 accumulates
+    gradients over micro-batches of that many sequences (one optimizer step either way)."""
     opt = torch.optim.AdamW(params, lr=1e-5)
     ids = torch.randint(3, min(1000, model.config.vocab_size), (batch, seq),
                         generator=torch.Generator().manual_seed(batch * seq)).to(device)
@@ -49,8 +52,11 @@ def measure(model, params, batch: int, seq: int, chunked: bool, steps: int, devi
             if device == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            loss = step_fn(model, ids, chunked)
-            loss.backward()
+            loss = 0.0
+            for chunk in ids.split(micro or batch):
+                part = step_fn(model, chunk, chunked) * (chunk.shape[0] / batch)
+                part.backward()
+                loss = loss + part.detach()
             opt.step()
             opt.zero_grad(set_to_none=True)
             if device == "cuda":
@@ -67,9 +73,9 @@ def measure(model, params, batch: int, seq: int, chunked: bool, steps: int, devi
     return out
 
 
-def grads(model, ids, grouped: bool) -> tuple[float, dict]:
-    """Loss and every parameter gradient (fp32) of one chunked-log-prob step through one expert path."""
-    set_grouped(model, grouped)
+def grads(model, ids, toggle, on: bool) -> tuple[float, dict]:
+    """Loss and every parameter gradient (fp32) of one chunked-log-prob step with a lever on or off."""
+    toggle(model, on)
     model.zero_grad(set_to_none=True)
     loss = step_fn(model, ids, True)
     loss.backward()
@@ -80,35 +86,80 @@ def max_rel_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-30)) for k in b)
 
 
-def grad_check(model, device) -> dict:
-    """Same tokens through PEFT's expert path and the grouped one: loss and LoRA gradients must agree."""
+def grad_check(model, device, toggle=None) -> dict:
+    """Same tokens through PEFT's path and align's (``toggle``: grouped experts by default): loss and LoRA
+    gradients must agree."""
+    toggle = toggle or set_grouped
     ids = torch.randint(3, min(1000, model.config.vocab_size), (2, 256), generator=torch.Generator().manual_seed(7)).to(device)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.02)
-    (loss_peft, g_peft), (loss_grouped, g_grouped) = grads(model, ids, False), grads(model, ids, True)
+    (loss_peft, g_peft), (loss_align, g_align) = grads(model, ids, toggle, False), grads(model, ids, toggle, True)
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.zero_()
-    return {"loss_peft": loss_peft, "loss_grouped": loss_grouped, "max_rel_grad_diff": max_rel_diff(g_grouped, g_peft)}
+    return {"loss_peft": loss_peft, "loss_align": loss_align, "max_rel_grad_diff": max_rel_diff(g_align, g_peft)}
+
+
+def set_addmm(model, on: bool) -> None:
+    for m in model.modules():
+        if hasattr(m, "_peft_forward") and not hasattr(m, "_grouped_forward"):
+            if on:
+                m.forward = m._addmm_forward
+            else:
+                m.forward = m._peft_forward
 
 
 def set_grouped(model, on: bool) -> None:
     for m in model.modules():
-        if hasattr(m, "_peft_forward"):
+        if hasattr(m, "_grouped_forward"):
             if on:
                 m.forward = m._grouped_forward
             else:
                 m.forward = m._peft_forward
 
 
+def apply_lever(model, params, action, device):
+    if action == "bf16":
+        for p in params:
+            p.data = p.data.to(torch.bfloat16 if device == "cuda" else p.dtype)
+        return True
+    if action == "fused":
+        from align.kernels import use_fused_kernels
+
+        return use_fused_kernels()
+    if action == "addmm":
+        from align.dense_lora import use_addmm_lora
+
+        n = use_addmm_lora(model)
+        for m in model.modules():
+            if hasattr(m, "_peft_forward") and not hasattr(m, "_grouped_forward"):
+                m._addmm_forward = m.forward
+        return {"layers": n, "check_addmm_vs_peft_bf16": grad_check(model, device, set_addmm)}
+    return None
+
+
+def set_checkpointing(model, ckpt) -> None:
+    """``ckpt``: True (every layer), False (none) or N (the first N decoder layers)."""
+    from align.policy import recompute_only_first
+
+    if ckpt is False:
+        model.gradient_checkpointing_disable()
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    recompute_only_first(model, -1 if ckpt is True else ckpt)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="v2-lite", choices=["tiny", "v2-lite"])
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--frontier", nargs="*", default=["8:20", "8:16", "8:14", "4:10", "4:4", "4:2", "4:0", "2:0"],
+                    help="rows after every lever at the largest shape, MICRO:N = micro-batches of MICRO "
+                         "sequences recomputing the first N decoder layers (0: no recomputation)")
     a = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = V2_LITE if a.shape == "v2-lite" else TINY
@@ -124,7 +175,8 @@ def main() -> None:
         if hasattr(m, "_peft_forward"):
             m._grouped_forward = m.forward
     params = [p for p in model.parameters() if p.requires_grad]
-    res = {"shape": a.shape, "lora_params": sum(p.numel() for p in params), "patched_expert_modules": n, "rows": {}}
+    res = {"shape": a.shape, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+           "lora_params": sum(p.numel() for p in params), "patched_expert_modules": n, "rows": {}}
     res["check_grouped_vs_peft"] = grad_check(model, device)
     print("check:", res["check_grouped_vs_peft"], flush=True)
     shapes = [(4, 1024), (8, 2048)] if a.shape == "v2-lite" else [(4, 64)]
@@ -133,27 +185,26 @@ def main() -> None:
             ("grouped expert LoRA, chunked log-probs, grad ckpt", True, True, True),
             ("grouped expert LoRA, chunked log-probs, no grad ckpt", True, True, False),
             ("baseline without grad ckpt", False, False, False)]
+    layers = model.config.num_hidden_layers
+    frontier = []
+    for item in a.frontier:
+        micro, n = (int(v) for v in item.split(":"))
+        frontier.append((f"grouped expert LoRA, chunked log-probs, micro-batch {micro}, recompute {n} of {layers} layers",
+                         True, True, n if 0 < n < layers else n >= layers, micro))
     # Irreversible levers last, cumulative: bf16 adapters (no fp32 casts around every LoRA matmul),
-    # then compiled RMSNorm / rope / SwiGLU.
-    stages = [("", None), (" + bf16 adapters", "bf16"), (" + bf16 adapters + fused kernels", "fused")]
+    # compiled RMSNorm / rope / SwiGLU, dense LoRA as one addmm; then fewer recomputed layers.
+    stages = [("", None), (" + bf16 adapters", "bf16"), (" + bf16 adapters + fused kernels", "fused"),
+              (" + bf16 adapters + fused kernels + addmm dense LoRA", "addmm")]
     for suffix, action in stages:
-        if action == "bf16":
-            for p in params:
-                p.data = p.data.to(torch.bfloat16 if device == "cuda" else p.dtype)
-        if action == "fused":
-            from align.kernels import use_fused_kernels
-
-            res["fused_kernels"] = use_fused_kernels()
+        res.setdefault("levers", {})[action or "none"] = apply_lever(model, params, action, device)
         rows = plan if action is None else plan[2:4]
         for b, s in shapes:
-            for name, grouped, chunked, ckpt in rows:
+            extra = frontier if action == "addmm" and (b, s) == shapes[-1] else []
+            for name, grouped, chunked, ckpt, *micro in [*rows, *extra]:
                 set_grouped(model, grouped)
-                if ckpt:
-                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                else:
-                    model.gradient_checkpointing_disable()
+                set_checkpointing(model, ckpt)
                 model.train()
-                row = measure(model, params, b, s, chunked, a.steps, device)
+                row = measure(model, params, b, s, chunked, a.steps, device, *micro)
                 res["rows"][f"{b}x{s} | {name}{suffix}"] = row
                 print(f"{b}x{s} | {name}{suffix}: {row}", flush=True)
     for b, s in shapes:
