@@ -210,6 +210,7 @@ class RouterReplay:
         self.store: dict = {}
         self.flips = 0
         self.total = 0
+        self._counted: set = set()
         self._handles = [r.register_forward_hook(self._hook(layer)) for layer, r in self.routers]
 
     def _hook(self, layer: int):
@@ -222,8 +223,10 @@ class RouterReplay:
                 rec = self.store[slot]
                 if rec.shape != idx.shape:
                     return None
-                self.flips += int((idx.sort(-1).values != rec.sort(-1).values).any(-1).sum())
-                self.total += idx.shape[0]
+                if slot not in self._counted:  # not again in a gradient-checkpoint recomputation
+                    self._counted.add(slot)
+                    self.flips += int((idx.sort(-1).values != rec.sort(-1).values).any(-1).sum())
+                    self.total += idx.shape[0]
                 probs = logits.float().softmax(-1)
                 new_w = probs.gather(-1, rec) * module.routed_scaling_factor
                 return logits, new_w.to(weights.dtype), rec
@@ -231,7 +234,10 @@ class RouterReplay:
         return hook
 
     def __call__(self, mode: str | None, key=None) -> "RouterReplay":
+        """Enter ``mode`` for ``key``; keep a replay open through the backward pass when layers are
+        recomputed, so the recomputed routers take the replayed experts too."""
         self.mode, self.key = mode, key
+        self._counted = set()
         return self
 
     def __enter__(self):

@@ -105,43 +105,54 @@ def _merge(parts: list[tuple[dict, float]]) -> dict:
     return out
 
 
+def _micro_step(fwd, part: UpdateBatch, cfg: GRPOConfig, temperature: float, max_len: int, norm: dict, monitor,
+                dist: Dist | None, share: float, last: bool, outputs: tuple[list, list]) -> tuple[dict, bool]:
+    """Loss and backward of one micro-batch (``share``: its fraction of the minibatch's rows); appends the
+    completion tokens' entropies and ratios to ``outputs``."""
+    world = dist.world if dist is not None else 1
+    logp, ent = _logp(fwd, part, temperature, entropy=True)
+    old = part.old_logp if part.old_logp is not None else logp.detach()
+    weights = tis_weights(old, part.rollout_logp, cfg.tis_cap) if cfg.tis_cap > 0 else None
+    loss, m = get_loss(cfg.loss)(logp, old, part.advantages, part.completion_mask, epsilon=cfg.epsilon,
+                                 epsilon_high=cfg.epsilon_high, ref_logp=part.ref_logp, beta=cfg.beta,
+                                 kl_estimator=cfg.kl_estimator, tis_weights=weights, max_len=max_len, norm=norm)
+    aux = monitor.pop_aux_loss() if monitor is not None else None
+    if aux is not None:
+        m["moe/balance_loss"] = float(aux)
+        loss = loss + aux * share / world
+    ok = dist.min(float(torch.isfinite(loss))) if dist is not None else float(torch.isfinite(loss))
+    if not ok:
+        return m, False
+    # Ranks' gradients are averaged; the rank losses are additive shares, so scale by the world size.
+    if dist is not None:
+        with dist.acc.no_sync(fwd) if not last else _nullctx():
+            dist.acc.backward(loss * world)
+    else:
+        loss.backward()
+    m.update(mismatch_metrics(old, part.rollout_logp, part.completion_mask))
+    cm = part.completion_mask.bool()
+    if cm.any():
+        outputs[0].append(ent[cm].float().cpu())
+        outputs[1].append(torch.exp(logp.detach() - old)[cm].float().cpu())
+    return m, True
+
+
 def _backward_minibatch(fwd, mb: UpdateBatch, k: int, cfg: GRPOConfig, temperature: float, max_len: int,
                         norm: dict, monitor, replay, dist: Dist | None):
     """Forward and backward of one minibatch a micro-batch at a time (gradients accumulate; DDP syncs on
     the last); returns (metrics, entropy/ratio rows, finite) without stepping."""
-    loss_fn = get_loss(cfg.loss)
-    world = dist.world if dist is not None else 1
     micro = mb.micro_batches(micro_count(mb.size, cfg.micro_batch_size, dist))
     check_accumulation(dist, len(micro))
     parts, ents, ratios = [], [], []
     for j, (_, part) in enumerate(micro):
+        # The backward runs inside the replay context too: gradient checkpointing recomputes the routers
+        # there and must take the same (replayed) experts as the forward did.
         with replay("replay", key=(k, j)) if replay is not None else _nullctx():
-            logp, ent = _logp(fwd, part, temperature, entropy=True)
-        old = part.old_logp if part.old_logp is not None else logp.detach()
-        weights = tis_weights(old, part.rollout_logp, cfg.tis_cap) if cfg.tis_cap > 0 else None
-        loss, m = loss_fn(logp, old, part.advantages, part.completion_mask, epsilon=cfg.epsilon,
-                          epsilon_high=cfg.epsilon_high, ref_logp=part.ref_logp, beta=cfg.beta,
-                          kl_estimator=cfg.kl_estimator, tis_weights=weights, max_len=max_len, norm=norm)
-        aux = monitor.pop_aux_loss() if monitor is not None else None
-        if aux is not None:
-            m["moe/balance_loss"] = float(aux)
-            loss = loss + aux * (part.size / mb.size) / world
-        ok = dist.min(float(torch.isfinite(loss))) if dist is not None else float(torch.isfinite(loss))
+            m, ok = _micro_step(fwd, part, cfg, temperature, max_len, norm, monitor, dist,
+                                share=part.size / mb.size, last=j == len(micro) - 1, outputs=(ents, ratios))
         if not ok:
             return {}, [], [], False
-        # Ranks' gradients are averaged; the rank losses are additive shares, so scale by the world size.
-        last = j == len(micro) - 1
-        if dist is not None:
-            with dist.acc.no_sync(fwd) if not last else _nullctx():
-                dist.acc.backward(loss * world)
-        else:
-            loss.backward()
-        cm = part.completion_mask.bool()
-        m.update(mismatch_metrics(old, part.rollout_logp, part.completion_mask))
-        parts.append((m, float(cm.sum())))
-        if cm.any():
-            ents.append(ent[cm].float().cpu())
-            ratios.append(torch.exp(logp.detach() - old)[cm].float().cpu())
+        parts.append((m, float(part.completion_mask.sum())))
     return _merge(parts), ents, ratios, True
 
 

@@ -138,3 +138,30 @@ def test_micro_count_agrees_over_ranks_and_refuses_deepspeed():
     with pytest.raises(AlignError, match="grpo.micro_batch_size"):
         check_accumulation(Ranks([]), 2)
     check_accumulation(Ranks([]), 1)
+
+
+def _replayed_update(checkpointing: bool):
+    from align.grpo.update import fill_old_and_ref
+    from align.moe import RouterReplay
+
+    torch.manual_seed(0)
+    policy = load_policy(ModelConfig(gradient_checkpointing=checkpointing), LoraConfig(r=4, alpha=8))
+    _, batch, _, _ = _setup()
+    opt = torch.optim.SGD([p for p in policy.model.parameters() if p.requires_grad], lr=1.0)
+    fwd, replay = CompletionLogprobs(policy.model), RouterReplay(policy.model)
+    policy.model.train()
+    cfg = GRPOConfig(minibatch_size=4, micro_batch_size=2)
+    fill_old_and_ref(policy, fwd, batch, cfg, 1.0, replay, need_old=True)
+    _, finite = policy_update(policy, fwd, batch, cfg, opt, get_scheduler("constant", opt), 1.0, 3, 1.0, replay=replay)
+    params = {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
+    return finite, params, replay.total
+
+
+def test_router_replay_survives_gradient_checkpointing():
+    """Recomputed routers must take the replayed experts (else checkpointing fails or routes differently)
+    and must not count flips twice."""
+    finite, params, total = _replayed_update(True)
+    ref_finite, ref_params, ref_total = _replayed_update(False)
+    assert finite and ref_finite and total == ref_total > 0
+    for n in ref_params:
+        assert torch.allclose(params[n], ref_params[n], atol=1e-6), n
