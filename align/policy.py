@@ -126,26 +126,9 @@ def _freeze_router(model: torch.nn.Module, train: bool) -> None:
             p.requires_grad_(train)
 
 
-def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, base_dir: str | Path | None = None) -> Policy:
-    """Load base (+ an earlier stage's adapter, merged) and attach a fresh LoRA when enabled.
-
-    ``base_dir``: where to persist the tiny random base so that adapters saved later can name it.
-    """
-    base_path, adapters = resolve_base(model_cfg.name_or_path)
-    tokenizer = load_tokenizer(adapters[-1] if adapters else base_path)
-    model: PreTrainedModel = load_base_model(model_cfg, base_path, len(tokenizer))
-    for adapter in adapters:
-        log.info("merging earlier-stage adapter %s", adapter)
-        with native_v5_targets():
-            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    if base_path == TINY and base_dir is not None and lora_cfg.enabled:
-        model.save_pretrained(base_dir)
-        tokenizer.save_pretrained(base_dir)
-        base_path = str(Path(base_dir).resolve())
-    elif adapters:
-        base_path = str(Path(adapters[-1]).resolve())
-    elif Path(base_path).exists():
-        base_path = str(Path(base_path).resolve())
+def prepare_for_training(model: PreTrainedModel, model_cfg: ModelConfig, lora_cfg: LoraConfig) -> torch.nn.Module:
+    """Recomputation, compiled kernels, a fresh LoRA with align's faster forwards, the router frozen or not:
+    everything between a loaded base model and the policy that SFT and GRPO train."""
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -166,4 +149,28 @@ def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, base_dir: str | Pa
     _freeze_router(model, lora_cfg.train_router)
     if model_cfg.gradient_checkpointing and lora_cfg.enabled:
         model.enable_input_require_grads()
+    return model
+
+
+def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, base_dir: str | Path | None = None) -> Policy:
+    """Load base (+ an earlier stage's adapter, merged) and attach a fresh LoRA when enabled.
+
+    ``base_dir``: where to persist the tiny random base so that adapters saved later can name it.
+    """
+    base_path, adapters = resolve_base(model_cfg.name_or_path)
+    tokenizer = load_tokenizer(adapters[-1] if adapters else base_path)
+    model: PreTrainedModel = load_base_model(model_cfg, base_path, len(tokenizer))
+    for adapter in adapters:
+        log.info("merging earlier-stage adapter %s", adapter)
+        with native_v5_targets():
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if base_path == TINY and base_dir is not None and lora_cfg.enabled:
+        model.save_pretrained(base_dir)
+        tokenizer.save_pretrained(base_dir)
+        base_path = str(Path(base_dir).resolve())
+    elif adapters:
+        base_path = str(Path(adapters[-1]).resolve())
+    elif Path(base_path).exists():
+        base_path = str(Path(base_path).resolve())
+    model = prepare_for_training(model, model_cfg, lora_cfg)
     return Policy(model=model, tokenizer=tokenizer, base_path=base_path)

@@ -1,0 +1,147 @@
+"""One GRPO update at V2-Lite shape through align's own path, on completions of varying length.
+
+The policy is prepared exactly as ``align grpo`` prepares it (``prepare_for_training``: LoRA r=16 on MLA,
+shared and routed experts, grouped expert LoRA, addmm dense LoRA, compiled kernels), then each step runs
+what the loop runs after rollout: old-policy log-probs recording the routing (router replay), reference
+log-probs (beta > 0), and the clipped update with expert monitoring, over one minibatch of 4 prompts x 4
+completions whose lengths vary as sampled completions do. Tokens/s counts real (non-padding) tokens.
+
+Rows: align's defaults (fp32 adapters, the whole minibatch in one pass, every layer recomputed), then
+bf16 adapters with micro-batches of 4 and no recomputation, the micro-batches taken in arrival order or
+grouped by completion length (align's ``UpdateBatch.micro_batches``: each part then drops more padding).
+
+    python bench/grpo_update.py                  # H100
+    python bench/grpo_update.py --shape tiny     # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import get_scheduler
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from align.config import GRPOConfig, LoraConfig, ModelConfig, MonitorConfig  # noqa: E402
+from align.grpo.batch import UpdateBatch, build_batch  # noqa: E402
+from align.grpo.logprobs import CompletionLogprobs  # noqa: E402
+from align.grpo.update import fill_old_and_ref, policy_update  # noqa: E402
+from align.moe import ExpertMonitor, RouterReplay  # noqa: E402
+from align.policy import Policy, prepare_for_training  # noqa: E402
+from bench.common import write  # noqa: E402
+from bench.decode import TINY, V2_LITE, build  # noqa: E402
+from bench.update import set_checkpointing  # noqa: E402
+from rollout.base import Completion  # noqa: E402
+
+
+def synthetic_batch(n: int, max_prompt: int, max_completion: int, vocab: int, seed: int = 0) -> UpdateBatch:
+    g = torch.Generator().manual_seed(seed)
+    prompts, comps = [], []
+    for i in range(n):
+        if i % 4 == 0:
+            prompt = torch.randint(3, vocab, (int(torch.randint(max_prompt // 4, max_prompt + 1, (1,), generator=g)),),
+                                   generator=g).tolist()
+        k = int(torch.randint(max_completion // 16, max_completion + 1, (1,), generator=g))
+        prompts.append(prompt)
+        comps.append(Completion(torch.randint(3, vocab, (k,), generator=g).tolist(), "", [-1.0] * k, "stop"))
+    return build_batch(prompts, comps, torch.randn(n, generator=g), 0, mask_truncated=True)
+
+
+def in_arrival_order(self: UpdateBatch, n: int):
+    """``UpdateBatch.micro_batches`` without the length grouping (each part still trims its own padding)."""
+    order = torch.arange(self.size, device=self.input_ids.device)
+    return [(idx, self.rows(idx).trimmed()) for idx in order.tensor_split(n)]
+
+
+def run_row(policy, batch: UpdateBatch, cfg: GRPOConfig, steps: int, device: str) -> dict:
+    fwd = CompletionLogprobs(policy.model)
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6)
+    sched = get_scheduler("constant", opt)
+    m = MonitorConfig()
+    monitor = ExpertMonitor(policy.model, m.balance_alpha1, m.balance_alpha2, m.num_devices, m.dead_threshold)
+    replay = RouterReplay(policy.model)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    fills, updates = [], []
+    try:
+        for i in range(steps + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            fill_old_and_ref(policy, fwd, batch, cfg, 1.0, replay, need_old=True)
+            sync(device)
+            t1 = time.perf_counter()
+            metrics, finite = policy_update(policy, fwd, batch, cfg, opt, sched, 1.0, batch.completion_width, 1.0,
+                                            monitor, replay)
+            sync(device)
+            if i:
+                fills.append(t1 - t0)
+                updates.append(time.perf_counter() - t1)
+    except torch.OutOfMemoryError:
+        opt.zero_grad(set_to_none=True)
+        return {"oom": True}
+    finally:
+        monitor.remove()
+        replay.remove()
+    real = float(batch.attention_mask.sum())
+    fill, update = sorted(fills)[len(fills) // 2], sorted(updates)[len(updates) // 2]
+    out = {"update_tok_s": real / update, "step_tok_s": real / (fill + update), "old_and_ref_s": fill,
+           "update_s": update, "pg_loss": metrics.get("actor/pg_loss"), "finite": finite}
+    if device == "cuda":
+        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    return out
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="v2-lite", choices=["tiny", "v2-lite"])
+    ap.add_argument("--rows", type=int, default=16, help="sequences in the minibatch (one optimizer step)")
+    ap.add_argument("--micro", type=int, default=4, help="micro-batch size of the tuned rows")
+    ap.add_argument("--steps", type=int, default=3)
+    a = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    v2 = a.shape == "v2-lite"
+    model = build(V2_LITE if v2 else TINY, torch.bfloat16 if device == "cuda" else torch.float32, device)
+    model.config.use_cache = False
+    model = prepare_for_training(model, ModelConfig(gradient_checkpointing=True),
+                                 LoraConfig(r=16, alpha=32, adapter_dtype="float32"))
+    policy = Policy(model=model, tokenizer=None, base_path="random")
+    batch = synthetic_batch(a.rows, 256 if v2 else 16, 1792 if v2 else 48, min(1000, model.config.vocab_size)).to(device)
+    res = {"shape": a.shape, "rows_per_minibatch": a.rows, "micro_batch_size": a.micro,
+           "real_tokens": int(batch.attention_mask.sum()), "padded_tokens": batch.attention_mask.numel(), "rows": {}}
+    cfg = GRPOConfig(minibatch_size=a.rows, beta=0.04, mu=1)
+    tuned = f"bf16 adapters, micro-batches of {a.micro}"
+    plan = [("align defaults: fp32 adapters, whole minibatch, every layer recomputed", 0, True, None),
+            (f"{tuned} in arrival order, no recomputation", a.micro, False, in_arrival_order),
+            (f"{tuned} grouped by length, no recomputation", a.micro, False, None)]
+    original = UpdateBatch.micro_batches
+    for name, micro, ckpt, split in plan:
+        if micro:
+            for n, p in model.named_parameters():
+                if "lora_" in n and device == "cuda":
+                    p.data = p.data.to(torch.bfloat16)
+        set_checkpointing(model, ckpt)
+        UpdateBatch.micro_batches = split or original
+        row = run_row(policy, batch, GRPOConfig(**{**cfg.__dict__, "micro_batch_size": micro}), a.steps, device)
+        UpdateBatch.micro_batches = original
+        res["rows"][name] = row
+        print(f"{name}: {row}", flush=True)
+    base = res["rows"][plan[0][0]]
+    for row in res["rows"].values():
+        if "step_tok_s" in row and "step_tok_s" in base:
+            row["step_ratio_vs_defaults"] = row["step_tok_s"] / base["step_tok_s"]
+    write(f"grpo_update_{a.shape}_{device}", res)
+
+
+if __name__ == "__main__":
+    main()
