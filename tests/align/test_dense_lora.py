@@ -5,24 +5,11 @@ import torch
 from align.config import load_config
 from align.dense_lora import use_addmm_lora
 from align.policy import load_policy
+from lora_check import assert_same_step, loss_and_grads, policy_with_random_b
 
 
 def _policy(*overrides):
-    cfg = load_config(None, ["lora.addmm_dense=false", "lora.alpha=48", *overrides])
-    policy = load_policy(cfg.model, cfg.lora)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for n, p in policy.model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    return policy
-
-
-def _loss_and_grads(model, ids):
-    model.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return policy_with_random_b("lora.addmm_dense=false", "lora.alpha=48", *overrides)
 
 
 def _calls(model):
@@ -38,17 +25,14 @@ def _calls(model):
 def test_addmm_lora_matches_peft():
     ids = torch.randint(5, 60, (3, 17), generator=torch.Generator().manual_seed(1))
     ref, policy = _policy(), _policy()
-    ref_loss, ref_grads = _loss_and_grads(ref.model, ids)
+    want = loss_and_grads(ref.model, ids)
     n = use_addmm_lora(policy.model)
     assert n == sum(type(m).__name__ == "Linear" and hasattr(m, "lora_A") for m in policy.model.modules()) > 0
     assert use_addmm_lora(policy.model) == 0, "patching twice is a no-op"
     fallbacks = _calls(policy.model)
-    loss, grads = _loss_and_grads(policy.model, ids)
+    got = loss_and_grads(policy.model, ids)
     assert not fallbacks, "every dense LoRA layer should take the addmm path"
-    assert abs(loss - ref_loss) < 1e-5
-    assert ref_grads.keys() == grads.keys()
-    for name in ref_grads:
-        assert torch.allclose(grads[name], ref_grads[name], atol=1e-6, rtol=1e-4), name
+    assert_same_step(got, want)
 
 
 def test_reference_pass_and_dropout_keep_peft():
