@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import threading
 import time
 from multiprocessing.connection import wait
 from typing import Any, Callable
 
 
-def _worker(conn, fn) -> None:
+def _exit_with(parent_pid: int) -> None:
+    """A worker outlives a killed trainer otherwise: every forked worker holds copies of the pipes, so
+    no read ever sees end-of-file. Poll the parent instead."""
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(0)
+
+
+def _worker(conn, fn, parent_pid: int) -> None:
+    threading.Thread(target=_exit_with, args=(parent_pid,), daemon=True).start()
     while True:
         try:
             item = conn.recv()
@@ -40,7 +50,7 @@ class TimeoutPool:
 
     def _spawn(self):
         parent, child = self.ctx.Pipe()
-        proc = self.ctx.Process(target=_worker, args=(child, self.fn), daemon=True)
+        proc = self.ctx.Process(target=_worker, args=(child, self.fn, os.getpid()), daemon=True)
         proc.start()
         child.close()
         return [proc, parent, None, 0.0]
