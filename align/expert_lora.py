@@ -21,6 +21,7 @@ from transformers.integrations.moe import _grouped_mm
 from align.kernels import fused_swiglu
 
 
+@torch.compiler.disable  # inductor may lay the factors out with strides grouped_mm rejects
 def _factors(wrapper, adapter: str):
     """(in->r, r->out) weight stacks [E, in, r], [E, r, out] of one ParamWrapper, scaling folded into the
     second (a small tensor) rather than into the [S, out] product."""

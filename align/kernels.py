@@ -57,16 +57,21 @@ def fused_logp_from_logits(logits: torch.Tensor, targets: torch.Tensor, temperat
     return (_logp_compiled or logp_from_logits)(logits, targets, temperature)
 
 
+def can_compile_for_gpu() -> bool:
+    """A GPU and Triton (inductor's GPU backend) are there."""
+    if not torch.cuda.is_available():
+        return False
+    from torch.utils._triton import has_triton
+
+    return has_triton()
+
+
 def use_fused_kernels() -> bool:
     """Patch RMSNorm, rope, the experts' SwiGLU and the log-prob reduction with compiled versions when a GPU
     is present."""
     global _PATCHED, _swiglu_compiled, _logp_compiled
-    if _PATCHED or not torch.cuda.is_available():
+    if _PATCHED or not can_compile_for_gpu():  # without inductor's GPU backend the unfused ops stay
         return _PATCHED
-    from torch.utils._triton import has_triton
-
-    if not has_triton():  # inductor's GPU backend; without it the unfused ops stay
-        return False
     from transformers.models.deepseek_v2 import modeling_deepseek_v2 as m
 
     rms = torch.compile(_rms_norm, dynamic=True)
@@ -76,3 +81,34 @@ def use_fused_kernels() -> bool:
     _logp_compiled = torch.compile(logp_from_logits, dynamic=True)
     _PATCHED = True
     return True
+
+
+def compile_decoder_layers(model: torch.nn.Module, backend: str = "inductor") -> int:
+    """``torch.compile`` every decoder layer that is not recomputed, for training forwards only.
+
+    Inductor then fuses the elementwise work between the GEMMs (residual adds, the LoRA products' adds,
+    routing weights, norms) and launches fewer kernels. Recomputed layers stay eager: a compiled layer's
+    recomputation saves tensors of other metadata than its forward did, which checkpointing rejects.
+    Evaluation and no-grad passes (old/reference log-probs, generation) keep the eager forward, so their
+    caches and shapes never trigger recompilation. Returns how many layers were compiled.
+    """
+    import torch._dynamo as dynamo
+
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")
+              and not getattr(m, "gradient_checkpointing", False) and not hasattr(m, "_eager_forward")]
+    # Dense and MoE layers differ; every other layer reuses one of those two graphs (parameters are inputs).
+    dynamo.config.cache_size_limit = max(64, dynamo.config.cache_size_limit)
+    for layer in layers:
+        layer._eager_forward = layer.forward
+        layer._compiled_forward = torch.compile(layer.forward, dynamic=True, backend=backend)
+        layer.forward = _train_dispatch(layer)
+    return len(layers)
+
+
+def _train_dispatch(layer: torch.nn.Module):
+    def forward(*args, **kwargs):
+        if layer.training and torch.is_grad_enabled():
+            return layer._compiled_forward(*args, **kwargs)
+        return layer._eager_forward(*args, **kwargs)
+
+    return forward

@@ -14,6 +14,12 @@ from dataclasses import dataclass, field
 import torch
 
 
+def _eager(hook):
+    """Router hooks keep Python state (counts, replay keys): inside a compiled layer (``model.compile_layers``)
+    they run eagerly instead of being traced, so their changing state never triggers recompilation."""
+    return torch.compiler.disable(hook)
+
+
 def find_routers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
     """(layer index, router) for every MoE router, in layer order."""
     routers = []
@@ -106,7 +112,7 @@ class ExpertMonitor:
             raise ValueError(f"monitor.num_devices={self.num_devices} must divide {self.num_experts} experts")
         self._handles.append(_decoder(self.model).register_forward_pre_hook(self._on_model, with_kwargs=True))
         for layer, router in self.routers:
-            self._handles.append(router.register_forward_hook(self._hook(layer)))
+            self._handles.append(router.register_forward_hook(_eager(self._hook(layer))))
         self.reset()
 
     def _on_model(self, module, args, kwargs):
@@ -211,7 +217,7 @@ class RouterReplay:
         self.flips = 0
         self.total = 0
         self._counted: set = set()
-        self._handles = [r.register_forward_hook(self._hook(layer)) for layer, r in self.routers]
+        self._handles = [r.register_forward_hook(_eager(self._hook(layer))) for layer, r in self.routers]
 
     def _hook(self, layer: int):
         def hook(module, inputs, output):

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 from align.config import LoraConfig, ModelConfig
 from align.dense_lora import use_addmm_lora
 from align.expert_lora import use_grouped_expert_lora
-from align.kernels import use_fused_kernels
+from align.kernels import can_compile_for_gpu, compile_decoder_layers, use_fused_kernels
 from align.lora import native_v5_targets, peft_config
 from align.modeling import TINY, load_base_model, load_tokenizer, resolve_base
 
@@ -149,6 +149,8 @@ def prepare_for_training(model: PreTrainedModel, model_cfg: ModelConfig, lora_cf
     _freeze_router(model, lora_cfg.train_router)
     if model_cfg.gradient_checkpointing and lora_cfg.enabled:
         model.enable_input_require_grads()
+    if model_cfg.compile_layers and can_compile_for_gpu():
+        log.info("compiled %d decoder layers for training", compile_decoder_layers(model))
     return model
 
 

@@ -47,3 +47,32 @@ def test_compiled_logp_matches_eager_values_and_gradients():
     compiled = torch.compile(logp_from_logits, dynamic=True, backend="aot_eager")(logits, targets, 1.3)
     (g_compiled,) = torch.autograd.grad(compiled.sum(), logits)
     assert torch.allclose(compiled, eager, atol=1e-6) and torch.allclose(g_compiled, g_eager, atol=1e-6)
+
+
+def test_compiled_decoder_layers_train_like_eager_and_skip_recomputed_and_eval():
+    from align.config import LoraConfig, ModelConfig
+    from align.kernels import compile_decoder_layers
+    from align.policy import load_policy
+    from lora_check import loss_and_grads
+
+    ids = torch.randint(5, 60, (2, 13), generator=torch.Generator().manual_seed(4))
+    policy = load_policy(ModelConfig(gradient_checkpointing=True, recompute_layers=1), LoraConfig(r=4, alpha=8))
+    with torch.no_grad():
+        for n, p in policy.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+    policy.model.train()
+    want = loss_and_grads(policy.model, ids)
+    layers = [m for m in policy.model.modules() if type(m).__name__ == "DeepseekV2DecoderLayer"]
+    assert compile_decoder_layers(policy.model, backend="aot_eager") == len(layers) - 1, "the recomputed layer stays eager"
+    calls = []
+    for layer in layers[1:]:
+        compiled = layer._compiled_forward
+        layer._compiled_forward = lambda *a, _c=compiled, **k: (calls.append(1), _c(*a, **k))[1]
+    loss, grads = loss_and_grads(policy.model, ids)
+    assert len(calls) == len(layers) - 1
+    assert abs(loss - want[0]) < 1e-5 and all(torch.allclose(grads[k], want[1][k], atol=1e-6) for k in want[1])
+    policy.model.eval()
+    with torch.no_grad():
+        policy.model(input_ids=ids)
+    assert len(calls) == len(layers) - 1, "eval / no-grad passes stay eager"
