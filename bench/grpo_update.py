@@ -8,7 +8,8 @@ completions whose lengths vary as sampled completions do. Tokens/s counts real (
 
 Rows: align's defaults (fp32 adapters, the whole minibatch in one pass, every layer recomputed), then
 bf16 adapters with micro-batches of 4 and no recomputation, the micro-batches taken in arrival order or
-grouped by completion length (align's ``UpdateBatch.micro_batches``: each part then drops more padding).
+grouped by completion length (align's ``UpdateBatch.micro_batches``: each part then drops more padding),
+and with ``--compile-layers`` the last setting with compiled decoder layers (``model.compile_layers``).
 
     python bench/grpo_update.py                  # H100
     python bench/grpo_update.py --shape tiny     # CPU smoke run
@@ -30,6 +31,7 @@ from align.config import GRPOConfig, LoraConfig, ModelConfig, MonitorConfig  # n
 from align.grpo.batch import UpdateBatch, build_batch  # noqa: E402
 from align.grpo.logprobs import CompletionLogprobs  # noqa: E402
 from align.grpo.update import fill_old_and_ref, policy_update  # noqa: E402
+from align.kernels import compile_decoder_layers  # noqa: E402
 from align.moe import ExpertMonitor, RouterReplay  # noqa: E402
 from align.policy import Policy, prepare_for_training  # noqa: E402
 from bench.common import write  # noqa: E402
@@ -108,6 +110,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=16, help="sequences in the minibatch (one optimizer step)")
     ap.add_argument("--micro", type=int, default=4, help="micro-batch size of the tuned rows")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--compile-layers", action="store_true", help="a last row with torch.compile'd decoder layers")
     a = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     v2 = a.shape == "v2-lite"
@@ -124,6 +127,8 @@ def main() -> None:
     plan = [("align defaults: fp32 adapters, whole minibatch, every layer recomputed", 0, True, None),
             (f"{tuned} in arrival order, no recomputation", a.micro, False, in_arrival_order),
             (f"{tuned} grouped by length, no recomputation", a.micro, False, None)]
+    if a.compile_layers:
+        plan.append((f"{tuned} grouped by length, no recomputation, compiled decoder layers", a.micro, False, "compile"))
     original = UpdateBatch.micro_batches
     for name, micro, ckpt, split in plan:
         if micro:
@@ -131,6 +136,9 @@ def main() -> None:
                 if "lora_" in n and device == "cuda":
                     p.data = p.data.to(torch.bfloat16)
         set_checkpointing(model, ckpt)
+        if split == "compile":
+            res["compiled_layers"] = compile_decoder_layers(model)
+            split = None
         UpdateBatch.micro_batches = split or original
         row = run_row(policy, batch, GRPOConfig(**{**cfg.__dict__, "micro_batch_size": micro}), a.steps, device)
         UpdateBatch.micro_batches = original

@@ -113,6 +113,12 @@ def set_addmm(model, on: bool) -> None:
                 m.forward = m._peft_forward
 
 
+def set_compiled(model, on: bool) -> None:
+    for m in model.modules():
+        if hasattr(m, "_dispatch_forward"):
+            m.forward = m._dispatch_forward if on else m._eager_forward
+
+
 def set_grouped(model, on: bool) -> None:
     for m in model.modules():
         if hasattr(m, "_grouped_forward"):
@@ -139,7 +145,31 @@ def apply_lever(model, params, action, device):
             if hasattr(m, "_peft_forward") and not hasattr(m, "_grouped_forward"):
                 m._addmm_forward = m.forward
         return {"layers": n, "check_addmm_vs_peft_bf16": grad_check(model, device, set_addmm)}
+    if action == "compile":
+        from align.kernels import compile_decoder_layers
+
+        set_checkpointing(model, False)
+        n = compile_decoder_layers(model)
+        for m in model.modules():
+            if hasattr(m, "_compiled_forward"):
+                m._dispatch_forward = m.forward
+        return {"layers": n, "check_compiled_vs_eager_bf16": grad_check(model, device, set_compiled)}
     return None
+
+
+def stage_rows(action, largest: bool, plan: list, frontier: list, quick: bool) -> list:
+    """Rows measured after ``action``: every plan row at first; the chunked rows after each lever; the
+    frontier (micro-batches x recomputed layers) at the largest shape after the last lever; compiled layers
+    only without recomputation. ``quick``: the baseline and the frontier's rows only."""
+    if action is None:
+        return plan[:1] if quick else plan
+    no_recompute = [r for r in frontier if r[3] is False]
+    if action == "compile":
+        return no_recompute if largest else plan[3:4]
+    rows = [] if quick else plan[2:4]
+    if action == "addmm" and largest:
+        rows = rows + (no_recompute if quick else frontier)
+    return rows
 
 
 def set_checkpointing(model, ckpt) -> None:
@@ -157,6 +187,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="v2-lite", choices=["tiny", "v2-lite"])
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--compile-layers", action="store_true", help="a last stage with torch.compile'd decoder layers")
+    ap.add_argument("--quick", action="store_true", help="only the baseline and the frontier's no-recompute rows")
     ap.add_argument("--frontier", nargs="*", default=["8:20", "8:16", "8:14", "4:10", "4:4", "4:2", "4:0", "2:0"],
                     help="rows after every lever at the largest shape, MICRO:N = micro-batches of MICRO "
                          "sequences recomputing the first N decoder layers (0: no recomputation)")
@@ -179,7 +211,7 @@ def main() -> None:
            "lora_params": sum(p.numel() for p in params), "patched_expert_modules": n, "rows": {}}
     res["check_grouped_vs_peft"] = grad_check(model, device)
     print("check:", res["check_grouped_vs_peft"], flush=True)
-    shapes = [(4, 1024), (8, 2048)] if a.shape == "v2-lite" else [(4, 64)]
+    shapes = ([] if a.quick else [(4, 1024)]) + [(8, 2048)] if a.shape == "v2-lite" else [(4, 64)]
     plan = [("baseline: PEFT experts, full logits, grad ckpt", False, False, True),
             ("grouped expert LoRA, full logits, grad ckpt", True, False, True),
             ("grouped expert LoRA, chunked log-probs, grad ckpt", True, True, True),
@@ -195,12 +227,12 @@ def main() -> None:
     # compiled RMSNorm / rope / SwiGLU, dense LoRA as one addmm; then fewer recomputed layers.
     stages = [("", None), (" + bf16 adapters", "bf16"), (" + bf16 adapters + fused kernels", "fused"),
               (" + bf16 adapters + fused kernels + addmm dense LoRA", "addmm")]
+    if a.compile_layers:  # whole decoder layers through inductor; only without recomputation
+        stages.append((" + bf16 adapters + addmm dense LoRA + compiled decoder layers", "compile"))
     for suffix, action in stages:
         res.setdefault("levers", {})[action or "none"] = apply_lever(model, params, action, device)
-        rows = plan if action is None else plan[2:4]
         for b, s in shapes:
-            extra = frontier if action == "addmm" and (b, s) == shapes[-1] else []
-            for name, grouped, chunked, ckpt, *micro in [*rows, *extra]:
+            for name, grouped, chunked, ckpt, *micro in stage_rows(action, (b, s) == shapes[-1], plan, frontier, a.quick):
                 set_grouped(model, grouped)
                 set_checkpointing(model, ckpt)
                 model.train()
@@ -212,7 +244,7 @@ def main() -> None:
         for key, row in res["rows"].items():
             if key.startswith(f"{b}x{s} |") and "tok_s" in row and "tok_s" in base:
                 row["ratio_vs_baseline"] = row["tok_s"] / base["tok_s"]
-    write(f"update_{a.shape}_{device}", res)
+    write(f"update_{a.shape}_{device}" + ("_quick" if a.quick else "") + ("_compiled" if a.compile_layers else ""), res)
 
 
 if __name__ == "__main__":
