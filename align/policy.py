@@ -150,7 +150,9 @@ def prepare_for_training(model: PreTrainedModel, model_cfg: ModelConfig, lora_cf
     if model_cfg.gradient_checkpointing and lora_cfg.enabled:
         model.enable_input_require_grads()
     if model_cfg.compile_layers and can_compile_for_gpu():
-        log.info("compiled %d decoder layers for training", compile_decoder_layers(model))
+        n = compile_decoder_layers(model)
+        log.log(logging.INFO if n else logging.WARNING, "model.compile_layers: %d decoder layers compiled for "
+                "training%s", n, "" if n else " (every layer is recomputed: lower model.recompute_layers)")
     return model
 
 
