@@ -20,6 +20,25 @@ from align.errors import AlignError
 SUM_KEYS = {"reward/unscorable", "completion/tokens", "actor/pg_loss"}
 
 
+def combine_metrics(parts: list[dict], weights: list[float] | None = None) -> dict:
+    """One metrics dict from several (ranks', or micro-batches' weighted by their tokens): sums for
+    :data:`SUM_KEYS`, maxima for ``*_max`` and ``time/*``, (weighted) means for the rest; non-numbers dropped."""
+    weights = weights or [1.0] * len(parts)
+    out: dict = {}
+    for key in dict.fromkeys(k for m in parts for k in m):
+        vals = [(m[key], w) for m, w in zip(parts, weights) if key in m and isinstance(m[key], (int, float))]
+        if not vals:
+            continue
+        if key in SUM_KEYS:
+            out[key] = sum(v for v, _ in vals)
+        elif key.endswith("_max") or key.startswith("time/"):
+            out[key] = max(v for v, _ in vals)
+        else:
+            total = sum(w for _, w in vals)
+            out[key] = sum(v * w for v, w in vals) / total if total else sum(v for v, _ in vals) / len(vals)
+    return out
+
+
 class Dist:
     """Rank, world size and collectives of the current ``accelerate`` run (a single process by default)."""
 
@@ -105,19 +124,7 @@ class Dist:
         """Means over ranks (sums for :data:`SUM_KEYS`, max for ``*_max`` and ``time/*``)."""
         if self.world == 1:
             return metrics
-        out: dict = {}
-        gathered = self.all_gather_objects(metrics)
-        for key in dict.fromkeys(k for m in gathered for k in m):
-            vals = [m[key] for m in gathered if key in m and isinstance(m[key], (int, float))]
-            if not vals:
-                continue
-            if key in SUM_KEYS:
-                out[key] = sum(vals)
-            elif key.endswith("_max") or key.startswith("time/"):
-                out[key] = max(vals)
-            else:
-                out[key] = sum(vals) / len(vals)
-        return out
+        return combine_metrics(self.all_gather_objects(metrics))
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -6,7 +6,7 @@ row's completion occupies columns P..P+C-1 and a single slice selects all comple
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -28,11 +28,16 @@ class UpdateBatch:
     def size(self) -> int:
         return self.input_ids.shape[0]
 
+    def _map(self, fn) -> "UpdateBatch":
+        """A batch with ``fn(name, tensor)`` applied to every tensor field (``None`` fields stay ``None``)."""
+        return replace(self, **{f.name: fn(f.name, getattr(self, f.name)) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
     def to(self, device) -> "UpdateBatch":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return UpdateBatch(move(self.input_ids), move(self.attention_mask), move(self.position_ids),
-                           move(self.completion_mask), move(self.rollout_logp), move(self.advantages),
-                           self.prompt_width, move(self.truncated), move(self.old_logp), move(self.ref_logp))
+        return self._map(lambda _, t: t.to(device))
+
+    def rows(self, idx: torch.Tensor | slice) -> "UpdateBatch":
+        return self._map(lambda _, t: t[idx])
 
     @property
     def completion_width(self) -> int:
@@ -45,11 +50,10 @@ class UpdateBatch:
         keep = int(used.max()) + 1 if used.numel() else 1
         if keep == self.completion_width:
             return self
-        full, comp = slice(None, self.prompt_width + keep), slice(None, keep)
-        cut = lambda t, sl: None if t is None else t[:, sl]  # noqa: E731
-        return UpdateBatch(cut(self.input_ids, full), cut(self.attention_mask, full), cut(self.position_ids, full),
-                           cut(self.completion_mask, comp), cut(self.rollout_logp, comp), self.advantages,
-                           self.prompt_width, self.truncated, cut(self.old_logp, comp), cut(self.ref_logp, comp))
+        cut = {"input_ids": self.prompt_width + keep, "attention_mask": self.prompt_width + keep,
+               "position_ids": self.prompt_width + keep, "completion_mask": keep, "rollout_logp": keep,
+               "old_logp": keep, "ref_logp": keep}
+        return self._map(lambda name, t: t[:, :cut[name]] if name in cut else t)
 
     def micro_batches(self, n: int) -> list[tuple[torch.Tensor, "UpdateBatch"]]:
         """``n`` parts of these rows as (row indices, part), rows ordered by completion length so that each
@@ -58,12 +62,6 @@ class UpdateBatch:
             return [(torch.arange(self.size), self.trimmed())]
         order = self.attention_mask[:, self.prompt_width:].sum(-1).argsort(stable=True)
         return [(idx, self.rows(idx).trimmed()) for idx in order.tensor_split(n)]
-
-    def rows(self, idx: torch.Tensor | slice) -> "UpdateBatch":
-        pick = lambda t: None if t is None else t[idx]  # noqa: E731
-        return UpdateBatch(pick(self.input_ids), pick(self.attention_mask), pick(self.position_ids),
-                           pick(self.completion_mask), pick(self.rollout_logp), pick(self.advantages),
-                           self.prompt_width, pick(self.truncated), pick(self.old_logp), pick(self.ref_logp))
 
 
 def build_batch(prompt_ids: list[list[int]], completions: list, advantages: torch.Tensor, pad_id: int,

@@ -195,8 +195,7 @@ def _save_final(run_dir: Path, policy: Policy, fwd, dist: Dist) -> None:
 def _check_launch(cfg: AlignConfig, dist: Dist) -> None:
     dist.local_minibatch(cfg.grpo.minibatch_size)
     dist.prompt_indices(cfg.grpo.prompts_per_step, cfg.rollout.num_generations, cfg.grpo.minibatch_size)
-    if cfg.grpo.micro_batch_size:
-        check_accumulation(dist, 2)
+    check_accumulation(dist, cfg.grpo.micro_batch_size > 0)
     if dist.backend != "ddp" and (cfg.train.save_steps or cfg.train.resume):
         raise AlignError(f"train.save_steps / train.resume: periodic checkpoints are written for DDP runs only, "
                          f"not under {dist.backend} yet (set train.save_steps=0)")

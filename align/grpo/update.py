@@ -12,7 +12,7 @@ import math
 import torch
 
 from align.config import GRPOConfig
-from align.dist import SUM_KEYS, Dist
+from align.dist import Dist, combine_metrics
 from align.errors import AlignError
 from align.grpo.batch import UpdateBatch, minibatches
 from align.losses import get_loss, mismatch_metrics, tis_weights
@@ -40,8 +40,9 @@ def micro_count(n_local: int, micro_batch_size: int, dist: Dist | None) -> int:
     return int(max(1, min(want, dist.min(n_local))))
 
 
-def check_accumulation(dist: Dist | None, n_micro: int) -> None:
-    if n_micro > 1 and dist is not None and dist.backend.startswith("deepspeed"):
+def check_accumulation(dist: Dist | None, accumulates: bool) -> None:
+    """Refuse micro-batches under DeepSpeed before any work is done (called at launch)."""
+    if accumulates and dist is not None and dist.backend.startswith("deepspeed"):
         raise AlignError("grpo.micro_batch_size: gradient accumulation inside a minibatch is not supported "
                          "under DeepSpeed yet (its engine steps after every backward); use DDP or FSDP2 "
                          "(recipes/accelerate/ddp.yaml, fsdp2.yaml) or set grpo.micro_batch_size=0")
@@ -89,22 +90,6 @@ def _global_counts(mb: UpdateBatch, dist: Dist | None) -> tuple[dict, float, boo
     return {"num_seqs": int(seqs), "num_tokens": toks}, toks, empty > 0
 
 
-def _merge(parts: list[tuple[dict, float]]) -> dict:
-    """Metrics of one minibatch from its micro-batches': shares of the loss add up, maxima stay maxima,
-    means are weighted by completion tokens."""
-    total = sum(w for _, w in parts) or 1.0
-    out = {}
-    for key in parts[0][0]:
-        vals = [(m[key], w) for m, w in parts if key in m]
-        if key in SUM_KEYS:
-            out[key] = sum(v for v, _ in vals)
-        elif key.endswith("_max"):
-            out[key] = max(v for v, _ in vals)
-        else:
-            out[key] = sum(v * w for v, w in vals) / total
-    return out
-
-
 def _micro_step(fwd, part: UpdateBatch, cfg: GRPOConfig, temperature: float, max_len: int, norm: dict, monitor,
                 dist: Dist | None, share: float, last: bool, outputs: tuple[list, list]) -> tuple[dict, bool]:
     """Loss and backward of one micro-batch (``share``: its fraction of the minibatch's rows); appends the
@@ -142,7 +127,6 @@ def _backward_minibatch(fwd, mb: UpdateBatch, k: int, cfg: GRPOConfig, temperatu
     """Forward and backward of one minibatch a micro-batch at a time (gradients accumulate; DDP syncs on
     the last); returns (metrics, entropy/ratio rows, finite) without stepping."""
     micro = mb.micro_batches(micro_count(mb.size, cfg.micro_batch_size, dist))
-    check_accumulation(dist, len(micro))
     parts, ents, ratios = [], [], []
     for j, (_, part) in enumerate(micro):
         # The backward runs inside the replay context too: gradient checkpointing recomputes the routers
@@ -153,7 +137,7 @@ def _backward_minibatch(fwd, mb: UpdateBatch, k: int, cfg: GRPOConfig, temperatu
         if not ok:
             return {}, [], [], False
         parts.append((m, float(part.completion_mask.sum())))
-    return _merge(parts), ents, ratios, True
+    return combine_metrics([m for m, _ in parts], [w for _, w in parts]), ents, ratios, True
 
 
 def policy_update(policy, fwd, batch: UpdateBatch, cfg: GRPOConfig, optimizer, scheduler, temperature: float,
