@@ -13,11 +13,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from align.config import LoraConfig  # noqa: E402
-from align.dense_lora import use_addmm_lora  # noqa: E402
-from align.expert_lora import use_grouped_expert_lora  # noqa: E402
-from align.lora import native_v5_targets, peft_config  # noqa: E402
-from align.policy import recompute_only_first  # noqa: E402
+from align.config import LoraConfig, ModelConfig  # noqa: E402
+from align.policy import prepare_for_training  # noqa: E402
 from bench.decode import V2_LITE, build  # noqa: E402
 from bench.update import step_fn  # noqa: E402
 
@@ -33,27 +30,11 @@ def main() -> None:
     ap.add_argument("--recompute", type=int, default=-1, help="recompute only the first N decoder layers (-1: all)")
     ap.add_argument("--out", default="bench/results/profile_update_cuda.txt")
     a = ap.parse_args()
-    from peft import get_peft_model
-
     model = build(V2_LITE, torch.bfloat16, "cuda")
     model.config.use_cache = False
-    with native_v5_targets():
-        model = get_peft_model(model, peft_config(LoraConfig(r=16, alpha=32)))
-    model.enable_input_require_grads()
-    use_grouped_expert_lora(model)
-    if not a.fp32_adapters:
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.to(torch.bfloat16)
-    if not a.unfused:
-        from align.kernels import use_fused_kernels
-
-        use_fused_kernels()
-    if not a.peft_dense:
-        use_addmm_lora(model)
-    if not a.no_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        recompute_only_first(model, a.recompute)
+    model = prepare_for_training(
+        model, ModelConfig(gradient_checkpointing=not a.no_ckpt, recompute_layers=a.recompute, fused_kernels=not a.unfused),
+        LoraConfig(r=16, alpha=32, addmm_dense=not a.peft_dense, adapter_dtype="float32" if a.fp32_adapters else "bfloat16"))
     model.train()
     ids = torch.randint(3, 1000, (a.batch, a.seq), device="cuda")
     for _ in range(2):

@@ -20,12 +20,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from align.config import LoraConfig  # noqa: E402
+from align.config import LoraConfig, ModelConfig  # noqa: E402
 from align.expert_lora import use_grouped_expert_lora  # noqa: E402
 from align.grpo.logprobs import completion_logprobs  # noqa: E402
-from align.lora import native_v5_targets, peft_config  # noqa: E402
+from align.policy import prepare_for_training, recompute_only_first  # noqa: E402
 from bench.common import write  # noqa: E402
 from bench.decode import TINY, V2_LITE, build  # noqa: E402
+
+
+def plain_lora(model):
+    """align's LoRA (r=16 on MLA, shared and routed experts) with PEFT's own forwards, no compiled kernels:
+    the baseline each lever is then switched onto."""
+    return prepare_for_training(model, ModelConfig(fused_kernels=False),
+                                LoraConfig(r=16, alpha=32, grouped_experts=False, addmm_dense=False))
 
 
 def step_fn(model, ids, chunked: bool):
@@ -86,10 +93,9 @@ def max_rel_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-30)) for k in b)
 
 
-def grad_check(model, device, toggle=None) -> dict:
-    """Same tokens through PEFT's path and align's (``toggle``: grouped experts by default): loss and LoRA
+def grad_check(model, device, toggle) -> dict:
+    """Same tokens through the plain path and align's (``toggle``: a :class:`Lever`): loss and LoRA
     gradients must agree."""
-    toggle = toggle or set_grouped
     ids = torch.randint(3, min(1000, model.config.vocab_size), (2, 256), generator=torch.Generator().manual_seed(7)).to(device)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -104,28 +110,27 @@ def grad_check(model, device, toggle=None) -> dict:
     return {"loss_peft": loss_peft, "loss_align": loss_align, "max_rel_grad_diff": max_rel_diff(g_align, g_peft)}
 
 
-def set_addmm(model, on: bool) -> None:
-    for m in model.modules():
-        if hasattr(m, "_peft_forward") and not hasattr(m, "_grouped_forward"):
+class Lever:
+    """A patch of some modules' forwards (align's faster path) that can be switched off and on again.
+
+    ``patch(model)`` runs once; the modules whose forward it replaced are remembered, so ``lever(model,
+    False)`` restores the plain (PEFT / eager) forwards and ``lever(model, True)`` align's.
+    """
+
+    def __init__(self, model, patch):
+        before = {m: m.__dict__.get("forward") for m in model.modules()}
+        self.result = patch(model)
+        self.swaps = [(m, before[m], m.__dict__["forward"]) for m in model.modules()
+                      if m in before and m.__dict__.get("forward") is not before[m]]
+
+    def __call__(self, model, on: bool) -> None:
+        for m, plain, fast in self.swaps:
             if on:
-                m.forward = m._addmm_forward
+                m.forward = fast
+            elif plain is None:
+                del m.forward
             else:
-                m.forward = m._peft_forward
-
-
-def set_compiled(model, on: bool) -> None:
-    for m in model.modules():
-        if hasattr(m, "_dispatch_forward"):
-            m.forward = m._dispatch_forward if on else m._eager_forward
-
-
-def set_grouped(model, on: bool) -> None:
-    for m in model.modules():
-        if hasattr(m, "_grouped_forward"):
-            if on:
-                m.forward = m._grouped_forward
-            else:
-                m.forward = m._peft_forward
+                m.forward = plain
 
 
 def apply_lever(model, params, action, device):
@@ -140,20 +145,14 @@ def apply_lever(model, params, action, device):
     if action == "addmm":
         from align.dense_lora import use_addmm_lora
 
-        n = use_addmm_lora(model)
-        for m in model.modules():
-            if hasattr(m, "_peft_forward") and not hasattr(m, "_grouped_forward"):
-                m._addmm_forward = m.forward
-        return {"layers": n, "check_addmm_vs_peft_bf16": grad_check(model, device, set_addmm)}
+        lever = Lever(model, use_addmm_lora)
+        return {"layers": lever.result, "check_addmm_vs_peft_bf16": grad_check(model, device, lever)}
     if action == "compile":
         from align.kernels import compile_decoder_layers
 
         set_checkpointing(model, False)
-        n = compile_decoder_layers(model)
-        for m in model.modules():
-            if hasattr(m, "_compiled_forward"):
-                m._dispatch_forward = m.forward
-        return {"layers": n, "check_compiled_vs_eager_bf16": grad_check(model, device, set_compiled)}
+        lever = Lever(model, compile_decoder_layers)
+        return {"layers": lever.result, "check_compiled_vs_eager_bf16": grad_check(model, device, lever)}
     return None
 
 
@@ -174,8 +173,6 @@ def stage_rows(action, largest: bool, plan: list, frontier: list, quick: bool) -
 
 def set_checkpointing(model, ckpt) -> None:
     """``ckpt``: True (every layer), False (none) or N (the first N decoder layers)."""
-    from align.policy import recompute_only_first
-
     if ckpt is False:
         model.gradient_checkpointing_disable()
         return
@@ -197,19 +194,13 @@ def main() -> None:
     shape = V2_LITE if a.shape == "v2-lite" else TINY
     model = build(shape, torch.bfloat16 if device == "cuda" else torch.float32, device)
     model.config.use_cache = False
-    from peft import get_peft_model
-
-    with native_v5_targets():
-        model = get_peft_model(model, peft_config(LoraConfig(r=16, alpha=32)))
+    model = plain_lora(model)
     model.enable_input_require_grads()
-    n = use_grouped_expert_lora(model)
-    for m in model.modules():
-        if hasattr(m, "_peft_forward"):
-            m._grouped_forward = m.forward
+    grouped = Lever(model, use_grouped_expert_lora)
     params = [p for p in model.parameters() if p.requires_grad]
     res = {"shape": a.shape, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
-           "lora_params": sum(p.numel() for p in params), "patched_expert_modules": n, "rows": {}}
-    res["check_grouped_vs_peft"] = grad_check(model, device)
+           "lora_params": sum(p.numel() for p in params), "patched_expert_modules": grouped.result, "rows": {}}
+    res["check_grouped_vs_peft"] = grad_check(model, device, grouped)
     print("check:", res["check_grouped_vs_peft"], flush=True)
     shapes = ([] if a.quick else [(4, 1024)]) + [(8, 2048)] if a.shape == "v2-lite" else [(4, 64)]
     plan = [("baseline: PEFT experts, full logits, grad ckpt", False, False, True),
@@ -232,8 +223,8 @@ def main() -> None:
     for suffix, action in stages:
         res.setdefault("levers", {})[action or "none"] = apply_lever(model, params, action, device)
         for b, s in shapes:
-            for name, grouped, chunked, ckpt, *micro in stage_rows(action, (b, s) == shapes[-1], plan, frontier, a.quick):
-                set_grouped(model, grouped)
+            for name, on, chunked, ckpt, *micro in stage_rows(action, (b, s) == shapes[-1], plan, frontier, a.quick):
+                grouped(model, on)
                 set_checkpointing(model, ckpt)
                 model.train()
                 row = measure(model, params, b, s, chunked, a.steps, device, *micro)
