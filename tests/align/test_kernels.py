@@ -37,16 +37,25 @@ def test_logp_from_logits_is_log_softmax_at_targets():
     assert torch.allclose(logp_from_logits(logits, targets, 0.7), want, atol=1e-6)
 
 
-def test_compiled_logp_matches_eager_values_and_gradients():
-    """The compiled reduction (used on GPUs) is the same function, gradients included."""
+def test_chunked_logprobs_go_through_the_compiled_reduction_once_patched(monkeypatch):
+    """Once ``use_fused_kernels`` installs the compiled reduction (GPUs), the chunked log-probs call it,
+    forward and in the checkpointed backward, and get the eager values and gradients."""
+    from align import kernels
+    from align.grpo.logprobs import token_logprobs
+
     torch.manual_seed(3)
-    logits = torch.randn(8, 64, requires_grad=True)
-    targets = torch.randint(0, 64, (8,))
-    eager = logp_from_logits(logits, targets, 1.3)
-    (g_eager,) = torch.autograd.grad(eager.sum(), logits)
-    compiled = torch.compile(logp_from_logits, dynamic=True, backend="aot_eager")(logits, targets, 1.3)
-    (g_compiled,) = torch.autograd.grad(compiled.sum(), logits)
-    assert torch.allclose(compiled, eager, atol=1e-6) and torch.allclose(g_compiled, g_eager, atol=1e-6)
+    hidden = torch.randn(2, 5, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 64, bias=False)
+    targets = torch.randint(0, 64, (2, 5))
+    eager, _ = token_logprobs(hidden, head, targets, temperature=1.3, chunk_tokens=4)
+    (g_eager,) = torch.autograd.grad(eager.sum(), hidden)
+    compiled = torch.compile(logp_from_logits, dynamic=True, backend="aot_eager")
+    calls = []
+    monkeypatch.setattr(kernels, "_logp_compiled", lambda *a: (calls.append(1), compiled(*a))[1])
+    got, _ = token_logprobs(hidden, head, targets, temperature=1.3, chunk_tokens=4)
+    (g_got,) = torch.autograd.grad(got.sum(), hidden)
+    assert len(calls) == 2 * 3, "3 chunks, each run forward and recomputed in the backward"
+    assert torch.allclose(got, eager, atol=1e-6) and torch.allclose(g_got, g_eager, atol=1e-6)
 
 
 def test_compiled_decoder_layers_train_like_eager_and_skip_recomputed_and_eval():
