@@ -18,7 +18,7 @@ import types
 import torch
 from transformers.integrations.moe import _grouped_mm
 
-from align.kernels import fused_swiglu
+from align import moe_ops
 
 
 @torch.compiler.disable  # inductor may lay the factors out with strides grouped_mm rejects
@@ -37,47 +37,6 @@ def _lora_linear(x: torch.Tensor, weight: torch.Tensor, down: torch.Tensor, up: 
     return base + _grouped_mm(_grouped_mm(x, down, offs=offs), up, offs=offs)
 
 
-class _Dispatch(torch.autograd.Function):
-    """Rows of ``hidden`` [T, H] copied to expert order: out[i] = hidden[perm[i] // k], out [T*k, H].
-
-    Autograd's backward for ``hidden[index]`` is an atomic index_put; here each sorted row's gradient goes
-    back through the inverse permutation (a gather) and the k copies of a token are summed.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, perm, inv, k: int):
-        ctx.save_for_backward(inv)
-        ctx.k = k
-        return hidden[perm // k]
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inv,) = ctx.saved_tensors
-        return grad[inv].view(-1, ctx.k, grad.shape[-1]).sum(1), None, None, None
-
-
-class _Combine(torch.autograd.Function):
-    """Expert outputs [T*k, H] (expert order) weighted by their router weights [T, k] and summed per token.
-
-    One gather back to token order and a [1, k] x [k, H] product per token replace the weighted copy and the
-    atomic ``index_add_`` (which also rounds every partial sum to bf16); gradients are gathers and products too.
-    """
-
-    @staticmethod
-    def forward(ctx, out, weights, perm, inv):
-        ctx.save_for_backward(out, weights, perm, inv)
-        per_token = out[inv].view(weights.shape[0], weights.shape[1], -1)
-        return torch.bmm(weights.unsqueeze(1), per_token).squeeze(1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        out, weights, perm, inv = ctx.saved_tensors
-        per_token = out[inv].view(weights.shape[0], weights.shape[1], -1)
-        grad_w = torch.bmm(per_token, grad.unsqueeze(-1)).squeeze(-1)
-        grad_out = (weights.unsqueeze(-1) * grad.unsqueeze(1)).view(-1, out.shape[-1])[perm]
-        return grad_out, grad_w, None, None
-
-
 def _forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
              *args, **kwargs) -> torch.Tensor:
     inner = self.base_layer
@@ -92,12 +51,12 @@ def _forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k
     counts = torch.histc(expert_ids.float() if expert_ids.device.type == "cpu" else expert_ids.int(),
                          bins=experts.num_experts, min=0, max=experts.num_experts - 1)
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    x = _Dispatch.apply(hidden_states, perm, inv, k)
+    x = moe_ops.dispatch(hidden_states, perm, inv, k)
     gu = _lora_linear(x, experts.gate_up_proj, *_factors(inner, adapters[0]), offs)
-    h = fused_swiglu(gu) if experts.config.hidden_act == "silu" else _act(experts, gu)
+    h = moe_ops.swiglu(gu) if experts.config.hidden_act == "silu" else _act(experts, gu)
     out = _lora_linear(h, experts.down_proj, *_factors(self, adapters[0]), offs)
     weights = top_k_weights.reshape(-1, k).to(out.dtype)
-    return _Combine.apply(out, weights, perm, inv).to(hidden_states.dtype)
+    return moe_ops.combine(out, weights, inv).to(hidden_states.dtype)
 
 
 def _act(experts, gu: torch.Tensor) -> torch.Tensor:

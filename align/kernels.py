@@ -44,13 +44,7 @@ def logp_from_logits(logits: torch.Tensor, targets: torch.Tensor, temperature: f
     return scaled.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scaled, -1)
 
 
-_swiglu_compiled = None
 _logp_compiled = None
-
-
-def fused_swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    return (_swiglu_compiled or swiglu)(gate_up)
-
 
 def fused_logp_from_logits(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
     """:func:`logp_from_logits` as one compiled reduction (no fp32 copy of the [N, V] logits) once patched."""
@@ -67,9 +61,9 @@ def can_compile_for_gpu() -> bool:
 
 
 def use_fused_kernels() -> bool:
-    """Patch RMSNorm, rope, the experts' SwiGLU and the log-prob reduction with compiled versions when a GPU
-    is present."""
-    global _PATCHED, _swiglu_compiled, _logp_compiled
+    """Patch RMSNorm, rope and the log-prob reduction with compiled versions when a GPU is present (the
+    experts' SwiGLU is a Triton kernel, :mod:`align.moe_ops`)."""
+    global _PATCHED, _logp_compiled
     if _PATCHED or not can_compile_for_gpu():  # without inductor's GPU backend the unfused ops stay
         return _PATCHED
     from transformers.models.deepseek_v2 import modeling_deepseek_v2 as m
@@ -77,7 +71,6 @@ def use_fused_kernels() -> bool:
     rms = torch.compile(_rms_norm, dynamic=True)
     m.DeepseekV2RMSNorm.forward = lambda self, x: rms(x, self.weight, self.variance_epsilon)
     m.apply_rotary_emb = torch.compile(_rope, dynamic=True)
-    _swiglu_compiled = torch.compile(swiglu, dynamic=True)
     _logp_compiled = torch.compile(logp_from_logits, dynamic=True)
     _PATCHED = True
     return True

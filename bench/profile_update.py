@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -19,6 +20,31 @@ from bench.decode import V2_LITE, build  # noqa: E402
 from bench.update import step_fn  # noqa: E402
 
 
+def launch_gaps(step, reps: int = 3) -> str:
+    """Wall time of ``step`` vs its GPU time alone: the GPU first sleeps long enough for the CPU to queue the
+    whole step, so the queued kernels then run back to back. The difference is time the GPU waited for the
+    CPU to launch work (what CUDA graphs would recover); a host sync inside the step shows as queueing time
+    at least as long as the sleep."""
+    wall, gpu, queue = [], [], []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        wall.append(time.perf_counter() - t)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(int(4e9))  # clock cycles, about two seconds
+        start.record()
+        t = time.perf_counter()
+        step()
+        queue.append(time.perf_counter() - t)
+        end.record()
+        torch.cuda.synchronize()
+        gpu.append(start.elapsed_time(end) / 1000)
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    return f"wall {med(wall) * 1000:.1f} ms, GPU alone {med(gpu) * 1000:.1f} ms, CPU queueing {med(queue) * 1000:.1f} ms"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
@@ -28,12 +54,14 @@ def main() -> None:
     ap.add_argument("--unfused", action="store_true", help="do not compile RMSNorm / rope / SwiGLU")
     ap.add_argument("--peft-dense", action="store_true", help="PEFT's dense LoRA forward instead of one addmm")
     ap.add_argument("--recompute", type=int, default=-1, help="recompute only the first N decoder layers (-1: all)")
+    ap.add_argument("--compile-layers", action="store_true", help="torch.compile the decoder layers (needs --no-ckpt)")
     ap.add_argument("--out", default="bench/results/profile_update_cuda.txt")
     a = ap.parse_args()
     model = build(V2_LITE, torch.bfloat16, "cuda")
     model.config.use_cache = False
     model = prepare_for_training(
-        model, ModelConfig(gradient_checkpointing=not a.no_ckpt, recompute_layers=a.recompute, fused_kernels=not a.unfused),
+        model, ModelConfig(gradient_checkpointing=not a.no_ckpt, recompute_layers=a.recompute, fused_kernels=not a.unfused,
+                                compile_layers=a.compile_layers),
         LoraConfig(r=16, alpha=32, addmm_dense=not a.peft_dense, adapter_dtype="float32" if a.fp32_adapters else "bfloat16"))
     model.train()
     ids = torch.randint(3, 1000, (a.batch, a.seq), device="cuda")
@@ -41,6 +69,7 @@ def main() -> None:
         step_fn(model, ids, True).backward()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    gaps = launch_gaps(lambda: step_fn(model, ids, True).backward())
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]) as prof:
         step_fn(model, ids, True).backward()
         torch.cuda.synchronize()
@@ -50,7 +79,7 @@ def main() -> None:
     peak = torch.cuda.max_memory_allocated() / 2 ** 30
     table = f"batch {a.batch} x seq {a.seq}, grad ckpt {not a.no_ckpt} (recompute {a.recompute}), bf16 adapters " \
             f"{not a.fp32_adapters}, fused kernels {not a.unfused}, addmm dense LoRA {not a.peft_dense}; " \
-            f"peak {peak:.1f} GiB\n" + table
+            f"compiled layers {a.compile_layers}; peak {peak:.1f} GiB\n{gaps}\n" + table
     Path(a.out).write_text(table)
     print(table)
 

@@ -1,0 +1,86 @@
+"""Routed-expert memory-bound steps at V2-Lite size (8,192 tokens x top-6): forward + backward time of eager
+PyTorch, of inductor (what ``model.compile_layers`` made of them) and of align's operators (Triton), with
+the largest difference of outputs and gradients from eager.
+
+    python bench/moe_kernels.py        # H100
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from align import kernels, moe_ops  # noqa: E402
+from bench.common import write  # noqa: E402
+
+
+def timed(fn, reps: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / reps
+
+
+def fwd_bwd(f, inputs, grad):
+    leaves = [x.detach().requires_grad_(x.is_floating_point()) for x in inputs]
+    out = f(*leaves)
+    out.backward(grad)
+    return out.detach(), [x.grad for x in leaves if x.grad is not None]
+
+
+def compare(name, cands, inputs, grad) -> dict:
+    res = {}
+    ref_out, ref_grads = fwd_bwd(cands[0][1], inputs, grad)
+    for label, f in cands:
+        out, grads = fwd_bwd(f, inputs, grad)
+        res[label] = {"us": timed(lambda: fwd_bwd(f, inputs, grad)),
+                      "max_abs_out": float((out.float() - ref_out.float()).abs().max()),
+                      "max_abs_grad": max(float((a.float() - b.float()).abs().max()) for a, b in zip(grads, ref_grads))}
+        print(name, label, res[label], flush=True)
+    return res
+
+
+def main() -> None:
+    tokens, k, hidden, inter, experts = 8192, 6, 2048, 1408, 64
+    dev, dt = "cuda", torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+    inductor = lambda f: torch.compile(f, dynamic=True)  # noqa: E731  (what model.compile_layers traced them into)
+    gu = torch.randn(tokens * k, 2 * inter, device=dev, dtype=dt, generator=g)
+    res = {"swiglu": compare("swiglu", [("eager", kernels.swiglu), ("inductor", inductor(kernels.swiglu)),
+                                        ("align (triton)", moe_ops.swiglu)],
+                             [gu], torch.randn(tokens * k, inter, device=dev, dtype=dt, generator=g))}
+    top = torch.rand(tokens, experts, device=dev, generator=g).topk(k, -1)
+    ids, w = top.indices, torch.softmax(top.values, -1)
+    _, perm = torch.sort(ids.reshape(-1))
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=dev)
+    out = torch.randn(tokens * k, hidden, device=dev, dtype=dt, generator=g)
+    h = torch.randn(tokens, hidden, device=dev, dtype=dt, generator=g)
+
+    def combine(o, wt):
+        return torch.bmm(wt.unsqueeze(1), o[inv].view(tokens, k, hidden)).squeeze(1)
+
+    def dispatch(x):
+        return x[perm // k]
+
+    res["combine"] = compare("combine", [("eager", combine), ("inductor", inductor(combine)),
+                                         ("align (triton)", lambda o, wt: moe_ops.combine(o, wt, inv))],
+                             [out, w.to(dt)], torch.randn(tokens, hidden, device=dev, dtype=dt, generator=g))
+    res["dispatch"] = compare("dispatch", [("eager", dispatch), ("inductor", inductor(dispatch)),
+                                           ("align (triton backward)", lambda x: moe_ops.dispatch(x, perm, inv, k))],
+                              [h], torch.randn(tokens * k, hidden, device=dev, dtype=dt, generator=g))
+    write("moe_kernels_cuda", res)
+
+
+if __name__ == "__main__":
+    main()
