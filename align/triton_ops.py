@@ -2,7 +2,7 @@
 the top-k expert outputs and the per-token sum of dispatched gradients (forward and backward).
 
 On V2-Lite (8,192 tokens x top-6 = 49,152 expert rows) inductor's versions of these ran at a quarter to a
-sixth of the H100's memory bandwidth (``bench/results/profile_update_compiled_cuda.txt``: SwiGLU backward
+sixth of the H100's memory bandwidth (``bench/results/profile_update_compiled_before_ops_cuda.txt``: SwiGLU backward
 840 us, the dispatch gather 805 us, its backward sum 559 us per layer), and eager's combine is a gather plus a
 batched GEMV. Each kernel here is one program per row (per token for combine and sums), reads each input row
 once and does its arithmetic in fp32 rounded once. :mod:`align.moe_ops` wraps them as custom operators.
