@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from align import triton_ops
+from align import kernels, triton_ops
 
 
 def _triton(*tensors: torch.Tensor) -> bool:
@@ -55,7 +55,7 @@ def _dispatch_setup(ctx, inputs, output):
 
 def _dispatch_backward(ctx, grad):
     (inv,) = ctx.saved_tensors
-    return gather_sum(grad.contiguous(), inv, ctx.k), None, None, None
+    return gather_sum(grad, inv, ctx.k), None, None, None
 
 
 dispatch.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
@@ -102,7 +102,7 @@ def _combine_setup(ctx, inputs, output):
 
 def _combine_backward(ctx, grad):
     out, weights, inv = ctx.saved_tensors
-    return (*combine_backward(out, weights, inv, grad.contiguous()), None)
+    return (*combine_backward(out, weights, inv, grad), None)
 
 
 combine.register_autograd(_combine_backward, setup_context=_combine_setup)
@@ -113,8 +113,7 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` of ``gate_up`` [S, 2I] (gate columns first) -> [S, I]."""
     if _triton(gate_up):
         return triton_ops.swiglu_forward(gate_up)
-    gate, up = gate_up.chunk(2, dim=-1)
-    return torch.nn.functional.silu(gate) * up
+    return kernels.swiglu(gate_up)
 
 
 @swiglu.register_fake
@@ -144,7 +143,7 @@ def _swiglu_setup(ctx, inputs, output):
 
 def _swiglu_backward(ctx, grad):
     (gate_up,) = ctx.saved_tensors
-    return swiglu_backward(gate_up, grad.contiguous())
+    return swiglu_backward(gate_up, grad)
 
 
 swiglu.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)

@@ -47,17 +47,20 @@ if triton is not None:
         tl.store(dgu_ptr + row * 2 * inter + cols, dg.to(out), mask=mask)
         tl.store(dgu_ptr + row * 2 * inter + inter + cols, (dh * silu).to(out), mask=mask)
 
-
     @triton.jit
-    def _combine_fwd(out_ptr, w_ptr, inv_ptr, y_ptr, hidden, K: tl.constexpr, BLOCK: tl.constexpr):
+    def _rows_sum(src_ptr, w_ptr, inv_ptr, y_ptr, hidden, K: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK: tl.constexpr):
+        """y[t] = sum_j (w[t, j] *) src[inv[t * K + j]]: the combine's forward, or without weights the
+        dispatch's backward."""
         tok = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < hidden
         acc = tl.zeros([BLOCK], tl.float32)
         for j in tl.static_range(K):
             row = tl.load(inv_ptr + tok * K + j).to(tl.int64)
-            w = tl.load(w_ptr + tok * K + j).to(tl.float32)
-            acc += w * tl.load(out_ptr + row * hidden + cols, mask=mask).to(tl.float32)
+            x = tl.load(src_ptr + row * hidden + cols, mask=mask).to(tl.float32)
+            if WEIGHTED:
+                x = x * tl.load(w_ptr + tok * K + j).to(tl.float32)
+            acc += x
         tl.store(y_ptr + tok * hidden + cols, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -72,17 +75,6 @@ if triton is not None:
             o = tl.load(out_ptr + row * hidden + cols, mask=mask).to(tl.float32)
             tl.store(gw_ptr + tok * K + j, tl.sum(o * g, 0).to(gw_ptr.dtype.element_ty))
             tl.store(gout_ptr + row * hidden + cols, (w * g).to(gout_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _gather_sum(g_ptr, inv_ptr, y_ptr, hidden, K: tl.constexpr, BLOCK: tl.constexpr):
-        tok = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        mask = cols < hidden
-        acc = tl.zeros([BLOCK], tl.float32)
-        for j in tl.static_range(K):
-            row = tl.load(inv_ptr + tok * K + j).to(tl.int64)
-            acc += tl.load(g_ptr + row * hidden + cols, mask=mask).to(tl.float32)
-        tl.store(y_ptr + tok * hidden + cols, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _grid(rows: int, inter: int) -> tuple[int, int]:
@@ -117,8 +109,8 @@ def combine_forward(out: torch.Tensor, weights: torch.Tensor, inv: torch.Tensor)
     out, weights, inv = out.contiguous(), weights.contiguous(), inv.contiguous()
     y = out.new_empty(weights.shape[0], out.shape[1])
     if weights.shape[0]:
-        _combine_fwd[(weights.shape[0],)](out, weights, inv, y, out.shape[1], K=weights.shape[1],
-                                          BLOCK=_row_block(out.shape[1]), num_warps=8)
+        _rows_sum[(weights.shape[0],)](out, weights, inv, y, out.shape[1], K=weights.shape[1], WEIGHTED=True,
+                                       BLOCK=_row_block(out.shape[1]), num_warps=8)
     return y
 
 
@@ -137,5 +129,6 @@ def gather_sum(grad: torch.Tensor, inv: torch.Tensor, k: int) -> torch.Tensor:
     grad, inv = grad.contiguous(), inv.contiguous()
     y = grad.new_empty(grad.shape[0] // k, grad.shape[1])
     if y.shape[0]:
-        _gather_sum[(y.shape[0],)](grad, inv, y, grad.shape[1], K=k, BLOCK=_row_block(grad.shape[1]), num_warps=8)
+        _rows_sum[(y.shape[0],)](grad, inv, inv, y, grad.shape[1], K=k, WEIGHTED=False,
+                                 BLOCK=_row_block(grad.shape[1]), num_warps=8)
     return y
