@@ -7,7 +7,8 @@ parameters are applied as low-rank grouped products on the routed tokens only:
 
     y = grouped_mm(x, W) + s * grouped_mm(grouped_mm(x, A), B)
 
-which is the same function (same adapter, same saved format), with O(tokens x r) extra activations.
+which is the same function (same adapter, same saved format), with O(tokens x r) extra activations. The
+operators of :mod:`align.lora_ops` compute it with the low-rank term fused into the add (and into the SwiGLU).
 Only the forward of the outermost wrapper changes; merging, disabling, saving and loading stay PEFT's.
 """
 
@@ -16,25 +17,15 @@ from __future__ import annotations
 import types
 
 import torch
-from transformers.integrations.moe import _grouped_mm
 
-from align import moe_ops
+from align import lora_ops, moe_ops
 
 
-@torch.compiler.disable  # inductor may lay the factors out with strides grouped_mm rejects
 def _factors(wrapper, adapter: str):
     """(in->r, r->out) weight stacks [E, in, r], [E, r, out] of one ParamWrapper, scaling folded into the
     second (a small tensor) rather than into the [S, out] product."""
     lhs, rhs, scaling = wrapper.get_delta_factors(adapter)  # delta [E, out, in] = lhs [E, out, r] @ rhs [E, r, in]
-    # grouped_mm wants each operand row- or column-major per group; the factors are small to copy.
-    return rhs.transpose(-2, -1).contiguous(), (lhs.transpose(-2, -1) * scaling).contiguous()
-
-
-def _lora_linear(x: torch.Tensor, weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
-                 offs: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x`` [S, in] grouped by expert (``offs``) through weight [E, out, in] plus the LoRA path."""
-    base = _grouped_mm(x, weight.transpose(-2, -1), offs=offs)
-    return base + _grouped_mm(_grouped_mm(x, down, offs=offs), up, offs=offs)
+    return rhs.transpose(-2, -1), lhs.transpose(-2, -1) * scaling
 
 
 def _forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
@@ -52,9 +43,12 @@ def _forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k
                          bins=experts.num_experts, min=0, max=experts.num_experts - 1)
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
     x = moe_ops.dispatch(hidden_states, perm, inv, k)
-    gu = _lora_linear(x, experts.gate_up_proj, *_factors(inner, adapters[0]), offs)
-    h = moe_ops.swiglu(gu) if experts.config.hidden_act == "silu" else _act(experts, gu)
-    out = _lora_linear(h, experts.down_proj, *_factors(self, adapters[0]), offs)
+    gate_up = (experts.gate_up_proj, *_factors(inner, adapters[0]), offs)
+    if experts.config.hidden_act == "silu":
+        h = lora_ops.swiglu_linear(x, *gate_up)
+    else:
+        h = _act(experts, lora_ops.linear(x, *gate_up))
+    out = lora_ops.linear(h, experts.down_proj, *_factors(self, adapters[0]), offs)
     weights = top_k_weights.reshape(-1, k).to(out.dtype)
     return moe_ops.combine(out, weights, inv).to(hidden_states.dtype)
 

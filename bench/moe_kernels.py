@@ -1,6 +1,7 @@
 """Routed-expert memory-bound steps at V2-Lite size (8,192 tokens x top-6): forward + backward time of eager
 PyTorch, of inductor (what ``model.compile_layers`` made of them) and of align's operators (Triton), with
-the largest difference of outputs and gradients from eager.
+the largest difference of outputs and gradients from eager; and the experts' LoRA MLP (grouped GEMMs with the
+low-rank terms) as autograd expressions against align's fused LoRA operators.
 
     python bench/moe_kernels.py        # H100
 """
@@ -14,7 +15,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from align import kernels, moe_ops  # noqa: E402
+from transformers.integrations.moe import _grouped_mm  # noqa: E402
+
+from align import kernels, lora_ops, moe_ops  # noqa: E402
 from bench.common import write  # noqa: E402
 
 
@@ -79,7 +82,35 @@ def main() -> None:
     res["dispatch"] = compare("dispatch", [("eager", dispatch), ("inductor", inductor(dispatch)),
                                            ("align (triton backward)", lambda x: moe_ops.dispatch(x, perm, inv, k))],
                               [h], torch.randn(tokens * k, hidden, device=dev, dtype=dt, generator=g))
+    res["expert_lora_mlp"] = lora_mlp(ids, hidden, inter, experts, g)
     write("moe_kernels_cuda", res)
+
+
+def lora_mlp(ids, hidden, inter, experts, g, rank: int = 16) -> dict:
+    """gate_up + SwiGLU + down with LoRA r=16 on the expert-sorted rows (frozen bf16 weights): autograd of
+    ``base + grouped(grouped(x, A), B)`` (the earlier path) against align's LoRA operators."""
+    dev, dt = ids.device, torch.bfloat16
+    counts = torch.bincount(ids.reshape(-1), minlength=experts)
+    offs = counts.cumsum(0).to(torch.int32)
+    rows = int(counts.sum())
+    w_gu = torch.randn(experts, 2 * inter, hidden, device=dev, dtype=dt, generator=g) * hidden ** -0.5
+    w_d = torch.randn(experts, hidden, inter, device=dev, dtype=dt, generator=g) * inter ** -0.5
+    x = torch.randn(rows, hidden, device=dev, dtype=dt, generator=g)
+    factors = [torch.randn(experts, hidden, rank, device=dev, dtype=dt, generator=g) * 0.02,
+               torch.randn(experts, rank, 2 * inter, device=dev, dtype=dt, generator=g) * 0.02,
+               torch.randn(experts, inter, rank, device=dev, dtype=dt, generator=g) * 0.02,
+               torch.randn(experts, rank, hidden, device=dev, dtype=dt, generator=g) * 0.02]
+
+    def plain(x, a1, b1, a2, b2):
+        gu = _grouped_mm(x, w_gu.transpose(-2, -1), offs) + _grouped_mm(_grouped_mm(x, a1, offs), b1, offs)
+        h = moe_ops.swiglu(gu)
+        return _grouped_mm(h, w_d.transpose(-2, -1), offs) + _grouped_mm(_grouped_mm(h, a2, offs), b2, offs)
+
+    def fused(x, a1, b1, a2, b2):
+        return lora_ops.linear(lora_ops.swiglu_linear(x, w_gu, a1, b1, offs), w_d, a2, b2, offs)
+
+    return compare("expert_lora_mlp", [("autograd (base + low-rank)", plain), ("align lora ops (triton)", fused)],
+                   [x, *factors], torch.randn(rows, hidden, device=dev, dtype=dt, generator=g))
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--peft-dense", action="store_true", help="PEFT's dense LoRA forward instead of one addmm")
     ap.add_argument("--recompute", type=int, default=-1, help="recompute only the first N decoder layers (-1: all)")
     ap.add_argument("--compile-layers", action="store_true", help="torch.compile the decoder layers (needs --no-ckpt)")
+    ap.add_argument("--mask", action="store_true", help="pass an attention mask of ones (a host sync per forward)")
     ap.add_argument("--out", default="bench/results/profile_update_cuda.txt")
     a = ap.parse_args()
     model = build(V2_LITE, torch.bfloat16, "cuda")
@@ -71,12 +72,12 @@ def main() -> None:
     model.train()
     ids = torch.randint(3, 1000, (a.batch, a.seq), device="cuda")
     for _ in range(2):
-        step_fn(model, ids, True).backward()
+        step_fn(model, ids, True, a.mask).backward()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    gaps = launch_gaps(lambda: step_fn(model, ids, True).backward())
+    gaps = launch_gaps(lambda: step_fn(model, ids, True, a.mask).backward())
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]) as prof:
-        step_fn(model, ids, True).backward()
+        step_fn(model, ids, True, a.mask).backward()
         torch.cuda.synchronize()
     avg = prof.key_averages()
     table = avg.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70) + "\nBy self CUDA time:\n" + \
@@ -84,7 +85,7 @@ def main() -> None:
     peak = torch.cuda.max_memory_allocated() / 2 ** 30
     table = f"batch {a.batch} x seq {a.seq}, grad ckpt {not a.no_ckpt} (recompute {a.recompute}), bf16 adapters " \
             f"{not a.fp32_adapters}, fused kernels {not a.unfused}, addmm dense LoRA {not a.peft_dense}; " \
-            f"compiled layers {a.compile_layers}; peak {peak:.1f} GiB\n{gaps}\n" + table
+            f"compiled layers {a.compile_layers}; attention mask {a.mask}; peak {peak:.1f} GiB\n{gaps}\n" + table
     Path(a.out).write_text(table)
     print(table)
 

@@ -1,0 +1,130 @@
+"""The routed experts' LoRA operators: reference paths against autograd of the plain per-expert expressions and
+finite differences, the Triton kernels (Triton's CPU interpreter) against the reference, and opacity to compile."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from align import lora_ops, triton_ops
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _problem(counts=(3, 0, 5, 1), d_in=8, d_out=16, r=4, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    e, rows = len(counts), sum(counts)
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    x = torch.randn(rows, d_in, generator=g, dtype=dtype)
+    weight = torch.randn(e, d_out, d_in, generator=g, dtype=dtype)
+    down = torch.randn(e, d_in, r, generator=g, dtype=dtype)
+    up = torch.randn(e, r, d_out, generator=g, dtype=dtype)
+    return x, weight, down, up, offs
+
+
+def _plain(x, weight, down, up, offs):
+    """Per-expert loop with autograd: the definition the operators must reproduce."""
+    parts, start = [], 0
+    for e, end in enumerate(offs.tolist()):
+        rows = x[start:end]
+        parts.append(rows @ weight[e].T + (rows @ down[e]) @ up[e])
+        start = end
+    return torch.cat(parts)
+
+
+def _swiglu(y):
+    gate, up = y.chunk(2, -1)
+    return F.silu(gate) * up
+
+
+@pytest.mark.parametrize("fused_swiglu", [False, True])
+def test_ops_match_autograd_of_the_per_expert_loop(fused_swiglu):
+    x, weight, down, up, offs = _problem()
+    inputs = [t.clone().requires_grad_() for t in (x, down, up)]
+    op = lora_ops.swiglu_linear if fused_swiglu else lora_ops.linear
+    want_fn = (lambda *a: _swiglu(_plain(*a))) if fused_swiglu else _plain
+    got = op(inputs[0], weight, inputs[1], inputs[2], offs)
+    ref = [t.clone().requires_grad_() for t in (x, down, up)]
+    want = want_fn(ref[0], weight, ref[1], ref[2], offs)
+    torch.testing.assert_close(got, want)
+    grad = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, inputs, grad), torch.autograd.grad(want, ref, grad)):
+        torch.testing.assert_close(a, b)
+
+
+def test_backwards_match_finite_differences():
+    x, weight, down, up, offs = _problem(counts=(2, 0, 3), d_in=4, d_out=6, r=2, dtype=torch.float64, seed=1)
+    args = [t.requires_grad_() for t in (x, down, up)]
+    assert torch.autograd.gradcheck(lambda a, d, u: lora_ops.linear(a, weight, d, u, offs), args)
+    assert torch.autograd.gradcheck(lambda a, d, u: lora_ops.swiglu_linear(a, weight, d, u, offs), args)
+
+
+def test_ops_stay_whole_inside_a_compiled_graph():
+    x, weight, down, up, offs = _problem(seed=2)
+
+    def f(x, down, up):
+        return lora_ops.linear(lora_ops.swiglu_linear(x, weight, down, up, offs), weight[:, :4].contiguous(),
+                               down, up[:, :, :4].contiguous(), offs)
+
+    explained = torch._dynamo.explain(f)(x, down, up)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    ops = {str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert {"align.lora_linear.default", "align.lora_swiglu_linear.default"} <= ops
+    args = [t.clone().requires_grad_() for t in (x, down, up)]
+    compiled = torch.compile(f, backend="aot_eager")(*args)
+    torch.testing.assert_close(compiled, f(x, down, up))
+    compiled.sum().backward()
+    assert all(a.grad is not None and a.grad.abs().sum() > 0 for a in args)
+
+
+def test_fake_kernels_agree_with_the_ops_on_transposed_factors():
+    """Compiled layers hand the factors over as views (``A^T`` of PEFT's layout): the meta functions must
+    promise the shapes and strides the real ops return."""
+    x, weight, down, up, offs = _problem(seed=3)
+    down_t, up_t = down.transpose(-2, -1).contiguous().transpose(-2, -1), up.transpose(-2, -1).contiguous().transpose(-2, -1)
+    grad = torch.randn(x.shape[0], weight.shape[1])
+    xa = x @ down[0]
+    for op, args in [(lora_ops.lora_linear, (x, weight, down_t, up_t, offs)),
+                     (lora_ops.lora_swiglu_linear, (x, weight, down_t, up_t, offs)),
+                     (lora_ops.lora_linear_backward, (grad, x, xa, weight, down_t, up_t, offs)),
+                     (lora_ops.lora_swiglu_backward, (grad, xa, up_t, offs, grad[:, :8]))]:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+TRITON_CHECK = r"""
+import torch
+from align import lora_ops, moe_ops, triton_ops
+from transformers.integrations import moe  # registers the loop fallback used as reference
+_grouped_mm = torch.ops.transformers.grouped_mm_fallback
+g = torch.Generator().manual_seed(4)
+# 150 rows over 6 experts: 64-row tiles that span several experts, an empty expert, rank 3 padded to 16
+counts = [70, 0, 5, 40, 1, 34]
+offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+rows, r, n, inter = sum(counts), 3, 72, 40
+y = torch.randn(rows, n, generator=g)
+a = torch.randn(rows, r, generator=g)
+b = torch.randn(len(counts), r, n, generator=g)
+gu = torch.randn(rows, 2 * inter, generator=g)
+bu = torch.randn(len(counts), r, 2 * inter, generator=g)
+dh = torch.randn(rows, inter, generator=g)
+pairs = [
+    (triton_ops.lora_add_(y.clone(), a, b, offs), y + _grouped_mm(a, b, offs)),
+    (triton_ops.lora_swiglu_forward(gu, a, bu, offs), moe_ops.swiglu(gu + _grouped_mm(a, bu, offs))),
+    (triton_ops.lora_swiglu_backward(gu, a, bu, offs, dh), moe_ops.swiglu_backward(gu + _grouped_mm(a, bu, offs), dh)),
+]
+for got, want in pairs:
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+print("ok", len(pairs))
+"""
+
+
+@pytest.mark.skipif(triton_ops.triton is None, reason="triton is not installed")
+def test_triton_kernels_match_the_reference_paths():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["ok", "3"]
