@@ -38,6 +38,15 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def swiglu_grad(gate_up: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Gradient [S, 2I] of :func:`swiglu` at ``gate_up`` [S, 2I] for the output gradient ``grad`` [S, I], in fp32
+    rounded once to ``gate_up``'s dtype."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    g = grad.float()
+    return torch.cat((g * up * sig * (1 + gate * (1 - sig)), g * gate * sig), -1).to(gate_up.dtype)
+
+
 def logp_from_logits(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
     """log softmax(logits / T)[targets]: logits [N, V] (any float dtype), targets [N] -> [N] fp32."""
     scaled = logits.float() / temperature

@@ -19,11 +19,7 @@ from __future__ import annotations
 import torch
 from transformers.integrations.moe import _grouped_mm
 
-from align import kernels, moe_ops, triton_ops
-
-
-def _triton(*tensors: torch.Tensor) -> bool:
-    return triton_ops.triton is not None and all(t.is_cuda for t in tensors)
+from align import kernels, triton_ops
 
 
 def _gmm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -50,7 +46,7 @@ def _per_expert_outer(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> t
 
 def _add_lowrank_(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """y += a_e @ b_e per expert's rows, in place on the fresh product ``y``."""
-    if _triton(y, a, b):
+    if triton_ops.usable(y, a, b):
         return triton_ops.lora_add_(y.contiguous(), a, b.to(a.dtype), offs)
     return y.add_(_gmm(a, b, offs))
 
@@ -110,7 +106,7 @@ def lora_swiglu_linear(x: torch.Tensor, weight: torch.Tensor, down: torch.Tensor
     down, up = down.contiguous(), up.contiguous()
     xa = _gmm(x, down, offs)
     gate_up = _gmm(x, weight.transpose(-2, -1), offs)
-    if _triton(gate_up, xa, up):
+    if triton_ops.usable(gate_up, xa, up):
         return triton_ops.lora_swiglu_forward(gate_up, xa, up.to(xa.dtype), offs), gate_up, xa
     return kernels.swiglu(gate_up + _gmm(xa, up, offs)).to(gate_up.dtype), gate_up, xa
 
@@ -127,9 +123,9 @@ def lora_swiglu_backward(gate_up: torch.Tensor, xa: torch.Tensor, up: torch.Tens
                          grad: torch.Tensor) -> torch.Tensor:
     """Gradient [S, 2I] w.r.t. the adapted pre-activation ``gate_up + xa_e B_e`` of :func:`lora_swiglu_linear`."""
     up = up.contiguous()
-    if _triton(gate_up, xa, up, grad):
+    if triton_ops.usable(gate_up, xa, up, grad):
         return triton_ops.lora_swiglu_backward(gate_up, xa, up.to(xa.dtype), offs, grad)
-    return moe_ops.swiglu_backward((gate_up + _gmm(xa, up, offs)).to(gate_up.dtype), grad)
+    return kernels.swiglu_grad((gate_up + _gmm(xa, up, offs)).to(gate_up.dtype), grad)
 
 
 @lora_swiglu_backward.register_fake

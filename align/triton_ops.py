@@ -1,11 +1,11 @@
-"""Hand-written Triton kernels for the routed experts' memory-bound steps: SwiGLU, the weighted combine of
-the top-k expert outputs and the per-token sum of dispatched gradients (forward and backward).
+"""Hand-written Triton kernels for the routed experts' memory-bound steps: the weighted combine of the top-k
+expert outputs, the per-token sum of dispatched gradients, and the LoRA terms with the SwiGLU.
 
 On V2-Lite (8,192 tokens x top-6 = 49,152 expert rows) inductor's versions of these ran at a quarter to a
 sixth of the H100's memory bandwidth (``bench/results/profile_update_compiled_before_ops_cuda.txt``: SwiGLU backward
 840 us, the dispatch gather 805 us, its backward sum 559 us per layer), and eager's combine is a gather plus a
-batched GEMV. Each kernel here is one program per row (per token for combine and sums), reads each input row
-once and does its arithmetic in fp32 rounded once. :mod:`align.moe_ops` wraps them as custom operators.
+batched GEMV. The combine and sum kernels are one program per token, read each input row once and do their
+arithmetic in fp32 rounded once; :mod:`align.moe_ops` wraps them as custom operators.
 
 The LoRA kernels (``_lora_*``) work on tiles of expert-sorted rows: they add the low-rank term
 ``a[rows] @ b[expert]`` (r <= 16 columns of ``a``, padded to 16 for ``tl.dot``) to a base product in place, or
@@ -22,35 +22,8 @@ try:
 except ImportError:  # pragma: no cover - every supported install has triton; the eager path needs none
     triton = None
 
-_BLOCK = 1024
-
 
 if triton is not None:
-    @triton.jit
-    def _swiglu_fwd(gu_ptr, h_ptr, inter, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < inter
-        g = tl.load(gu_ptr + row * 2 * inter + cols, mask=mask).to(tl.float32)
-        u = tl.load(gu_ptr + row * 2 * inter + inter + cols, mask=mask).to(tl.float32)
-        h = g * tl.sigmoid(g) * u
-        tl.store(h_ptr + row * inter + cols, h.to(h_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _swiglu_bwd(gu_ptr, dh_ptr, dgu_ptr, inter, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < inter
-        g = tl.load(gu_ptr + row * 2 * inter + cols, mask=mask).to(tl.float32)
-        u = tl.load(gu_ptr + row * 2 * inter + inter + cols, mask=mask).to(tl.float32)
-        dh = tl.load(dh_ptr + row * inter + cols, mask=mask).to(tl.float32)
-        sig = tl.sigmoid(g)
-        silu = g * sig
-        dg = dh * u * (sig + silu * (1.0 - sig))
-        out = dgu_ptr.dtype.element_ty
-        tl.store(dgu_ptr + row * 2 * inter + cols, dg.to(out), mask=mask)
-        tl.store(dgu_ptr + row * 2 * inter + inter + cols, (dh * silu).to(out), mask=mask)
-
     @triton.jit
     def _rows_sum(src_ptr, w_ptr, inv_ptr, y_ptr, hidden, K: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK: tl.constexpr):
         """y[t] = sum_j (w[t, j] *) src[inv[t * K + j]]: the combine's forward, or without weights the
@@ -79,7 +52,6 @@ if triton is not None:
             o = tl.load(out_ptr + row * hidden + cols, mask=mask).to(tl.float32)
             tl.store(gw_ptr + tok * K + j, tl.sum(o * g, 0).to(gw_ptr.dtype.element_ty))
             tl.store(gout_ptr + row * hidden + cols, (w * g).to(gout_ptr.dtype.element_ty), mask=mask)
-
 
     @triton.jit
     def _lowrank(a_ptr, b_ptr, offs_ptr, rows, cols, row_hi, n_rows, n_cols, b_stride, n_experts,
@@ -164,31 +136,13 @@ if triton is not None:
         tl.store(ptr + inter, (dh * silu).to(out), mask=mask)
 
 
-def _grid(rows: int, inter: int) -> tuple[int, int]:
-    return rows, triton.cdiv(inter, _BLOCK)
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether these kernels can run on ``tensors`` (Triton installed, all on a GPU)."""
+    return triton is not None and all(t.is_cuda for t in tensors)
 
 
 def _row_block(hidden: int) -> int:
     return triton.next_power_of_2(hidden)
-
-
-def swiglu_forward(gate_up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` of ``gate_up`` [S, 2I] (gate columns first) -> [S, I]."""
-    gate_up = gate_up.contiguous()
-    rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
-    h = gate_up.new_empty(rows, inter)
-    if rows:
-        _swiglu_fwd[_grid(rows, inter)](gate_up, h, inter, BLOCK=_BLOCK)
-    return h
-
-
-def swiglu_backward(gate_up: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
-    """Gradient [S, 2I] of :func:`swiglu_forward` at ``gate_up`` for the output gradient ``dh`` [S, I]."""
-    gate_up, dh = gate_up.contiguous(), dh.contiguous()
-    dgu = torch.empty_like(gate_up)
-    if gate_up.shape[0]:
-        _swiglu_bwd[_grid(gate_up.shape[0], dh.shape[1])](gate_up, dh, dgu, dh.shape[1], BLOCK=_BLOCK)
-    return dgu
 
 
 def combine_forward(out: torch.Tensor, weights: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:

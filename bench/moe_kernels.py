@@ -1,7 +1,8 @@
 """Routed-expert memory-bound steps at V2-Lite size (8,192 tokens x top-6): forward + backward time of eager
-PyTorch, of inductor (what ``model.compile_layers`` made of them) and of align's operators (Triton), with
-the largest difference of outputs and gradients from eager; and the experts' LoRA MLP (grouped GEMMs with the
-low-rank terms) as autograd expressions against align's fused LoRA operators.
+PyTorch, of inductor (what ``model.compile_layers`` made of them) and of align's operators (Triton) for the
+dispatch and the combine, with the largest difference of outputs and gradients from eager; and the experts' LoRA
+MLP (grouped GEMMs with the low-rank terms and SwiGLU) as eager autograd expressions against align's fused LoRA
+operators.
 
     python bench/moe_kernels.py        # H100
 """
@@ -58,10 +59,7 @@ def main() -> None:
     dev, dt = "cuda", torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
     inductor = lambda f: torch.compile(f, dynamic=True)  # noqa: E731  (what model.compile_layers traced them into)
-    gu = torch.randn(tokens * k, 2 * inter, device=dev, dtype=dt, generator=g)
-    res = {"swiglu": compare("swiglu", [("eager", kernels.swiglu), ("inductor", inductor(kernels.swiglu)),
-                                        ("align (triton)", moe_ops.swiglu)],
-                             [gu], torch.randn(tokens * k, inter, device=dev, dtype=dt, generator=g))}
+    res = {}
     top = torch.rand(tokens, experts, device=dev, generator=g).topk(k, -1)
     ids, w = top.indices, torch.softmax(top.values, -1)
     _, perm = torch.sort(ids.reshape(-1))
@@ -103,7 +101,7 @@ def lora_mlp(ids, hidden, inter, experts, g, rank: int = 16) -> dict:
 
     def plain(x, a1, b1, a2, b2):
         gu = _grouped_mm(x, w_gu.transpose(-2, -1), offs) + _grouped_mm(_grouped_mm(x, a1, offs), b1, offs)
-        h = moe_ops.swiglu(gu)
+        h = kernels.swiglu(gu)
         return _grouped_mm(h, w_d.transpose(-2, -1), offs) + _grouped_mm(_grouped_mm(h, a2, offs), b2, offs)
 
     def fused(x, a1, b1, a2, b2):

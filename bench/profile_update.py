@@ -23,9 +23,9 @@ from bench.update import step_fn  # noqa: E402
 def launch_gaps(step, reps: int = 3) -> str:
     """Wall time of ``step`` vs its GPU time alone: the GPU first sleeps long enough for the CPU to queue the
     whole step, so the queued kernels then run back to back. The difference is time the GPU waited for the
-    CPU to launch work (what CUDA graphs would recover). A host sync inside the step makes the CPU wait out
-    the sleep, and the rest of the step is then launched live: flagged, as the GPU figure then is not CPU-free
-    (transformers' causal-mask creation syncs once per forward)."""
+    CPU to launch work (what CUDA graphs would recover). When the CPU queues for longer than the GPU sleeps (a
+    host sync inside the step, as with ``--mask``, or, presumably, a launch queue full of a step's thousands of
+    kernels) the rest of the step is launched live: flagged, as the GPU figure then is not CPU-free."""
     wall, gpu, queue, slept = [], [], [], []
     for _ in range(reps):
         torch.cuda.synchronize()
@@ -45,7 +45,7 @@ def launch_gaps(step, reps: int = 3) -> str:
         gpu.append(start.elapsed_time(end) / 1000)
         slept.append(before.elapsed_time(start) / 1000)
     med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
-    synced = " (the step synced with the host: GPU figure not CPU-free)" if med(queue) >= med(slept) else ""
+    synced = " (queueing outlasted the sleep: GPU figure not CPU-free)" if med(queue) >= med(slept) else ""
     return f"wall {med(wall) * 1000:.1f} ms, GPU alone {med(gpu) * 1000:.1f} ms, CPU queueing " \
            f"{med(queue) * 1000:.1f} ms behind a {med(slept) * 1000:.0f} ms GPU sleep{synced}"
 

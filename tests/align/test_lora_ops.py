@@ -97,7 +97,7 @@ def test_fake_kernels_agree_with_the_ops_on_transposed_factors():
 
 TRITON_CHECK = r"""
 import torch
-from align import lora_ops, moe_ops, triton_ops
+from align import kernels, lora_ops, triton_ops
 from transformers.integrations import moe  # registers the loop fallback used as reference
 _grouped_mm = torch.ops.transformers.grouped_mm_fallback
 g = torch.Generator().manual_seed(4)
@@ -113,8 +113,8 @@ bu = torch.randn(len(counts), r, 2 * inter, generator=g)
 dh = torch.randn(rows, inter, generator=g)
 pairs = [
     (triton_ops.lora_add_(y.clone(), a, b, offs), y + _grouped_mm(a, b, offs)),
-    (triton_ops.lora_swiglu_forward(gu, a, bu, offs), moe_ops.swiglu(gu + _grouped_mm(a, bu, offs))),
-    (triton_ops.lora_swiglu_backward(gu, a, bu, offs, dh), moe_ops.swiglu_backward(gu + _grouped_mm(a, bu, offs), dh)),
+    (triton_ops.lora_swiglu_forward(gu, a, bu, offs), kernels.swiglu(gu + _grouped_mm(a, bu, offs))),
+    (triton_ops.lora_swiglu_backward(gu, a, bu, offs, dh), kernels.swiglu_grad(gu + _grouped_mm(a, bu, offs), dh)),
 ]
 for got, want in pairs:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
