@@ -32,3 +32,23 @@ def write(name: str, payload: dict) -> Path:
     path.write_text(json.dumps(payload, indent=2))
     print(json.dumps(payload, indent=2))
     return path
+
+
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer of ``vocab_size`` tokens (``w0`` … plus the tiny tokenizer's specials and chat
+    template), for benchmarks at a real vocabulary size without a hub download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from align.tokenizer import CHAT_TEMPLATE, SPECIALS
+
+    vocab = {t: i for i, t in enumerate(SPECIALS)}
+    vocab.update({f"w{i}": i for i in range(len(SPECIALS), vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.add_special_tokens(SPECIALS)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>",
+                                   pad_token="<|pad|>", unk_token="<|unk|>", model_max_length=4096)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast

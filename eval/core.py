@@ -73,6 +73,7 @@ def held_out_summary(engine, tokenizer, rows: list[dict], weights: dict[str, flo
         if name == "sampled" and temp <= 0:
             continue
         settings = SamplingSettings(n=n, temperature=temp, max_new_tokens=eval_cfg.max_new_tokens, seed=seed)
-        summary = evaluate(engine, tokenizer, rows, weights, settings, ks=[k for k in eval_cfg.k if k <= n]).summary
+        summary = evaluate(engine, tokenizer, rows, weights, settings, ks=[k for k in eval_cfg.k if k <= n],
+                           columns=Combined(weights).columns).summary
         out.update({f"{name}_{k}": v for k, v in summary.items()})
     return out

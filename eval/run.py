@@ -11,14 +11,10 @@ from align.errors import AlignError
 from align.policy import load_policy
 from eval.core import evaluate
 from eval.tasks import load_task
+from rewards import Combined
 from rollout import SamplingSettings, make_engine
 
 log = logging.getLogger(__name__)
-COLUMNS = {"math": ("answer",), "code": ("prompt_text", "test", "entry_point", "tests", "cases"), "format": ()}
-
-
-def _columns(rewards: dict) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(c for name in rewards for c in COLUMNS.get(name, ())))
 
 
 def _label(path: str) -> str:
@@ -47,7 +43,7 @@ def run_eval(checkpoints: list[str], tasks: str, recipe: str | None, overrides: 
         engine = _engine_for(engine, policy, cfg, out_dir)
         label = _label(ckpt)
         for task, rows in loaded:
-            res = evaluate(engine, policy.tokenizer, rows, task.rewards, settings, ks=ks, columns=_columns(task.rewards))
+            res = evaluate(engine, policy.tokenizer, rows, task.rewards, settings, ks=ks, columns=Combined(task.rewards).columns)
             d = out_dir / label.replace("/", "_")
             d.mkdir(parents=True, exist_ok=True)
             with (d / f"{task.name}.jsonl").open("w") as fh:
@@ -63,13 +59,10 @@ def run_eval(checkpoints: list[str], tasks: str, recipe: str | None, overrides: 
 
 def _engine_for(engine, policy, cfg, out_dir: Path):
     """One engine for all checkpoints of the same architecture: later ones are weight syncs."""
-    if engine is not None and engine.name == "vllm":
+    if engine is not None and not engine.shares_weights:
         engine.update_weights(policy.merged_state_dict())
         return engine
-    start = out_dir / ".engine_model"
-    if cfg.rollout.engine != "hf":
-        policy.save_merged(start)
-    return make_engine(cfg.rollout.engine, policy, cfg.rollout, start, cfg.model.dtype,
+    return make_engine(cfg.rollout.engine, policy, cfg.rollout, cfg.model.dtype,
                        min(policy.model.config.max_position_embeddings, 4096))
 
 

@@ -115,6 +115,15 @@ class Combined:
 
     weights: dict[str, float]
 
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The dataset columns these rewards read (each reward's declared ones): what callers pass to :meth:`score`.
+
+        >>> Combined({"math": 1.0, "format": 0.5}).columns
+        ('answer', 'pattern')
+        """
+        return tuple(dict.fromkeys(c for name in self.weights for c in get_reward(name).columns))
+
     def score(self, completions: list[str], **columns) -> tuple[list[float | None], dict[str, list], dict[str, list]]:
         per: dict[str, list] = {}
         reasons: dict[str, list] = {}

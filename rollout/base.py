@@ -47,6 +47,8 @@ class Rollout:
 
 class Engine(Protocol):
     name: str
+    shares_weights: bool
+    """Generates from the trainer's live weights (the HF and fast engines): nothing to sync."""
 
     def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[Rollout]:
         """Per prompt (token ids), ``settings.n`` completions, in prompt order."""
@@ -57,8 +59,9 @@ class Engine(Protocol):
     def sleep(self) -> None:
         """Free accelerator memory while the trainer runs (no-op where unsupported)."""
 
-    def wake_up(self) -> None:
-        """Undo :meth:`sleep`."""
+    def wake_up(self, push=None) -> None:
+        """Undo :meth:`sleep`; ``push(full: bool)``, when given, syncs the trainer's weights into the engine at
+        the point its lifecycle allows (``full``: every weight, e.g. after a sleep that dropped them)."""
 
 
 def render_prompts(tokenizer, messages: list[list[dict]]) -> list[list[int]]:

@@ -212,6 +212,7 @@ class FastEngine:
     """The rollout-engine interface over :class:`FastDecoder` (one decoder per batch shape, reused)."""
 
     name = "fast"
+    shares_weights = True
 
     def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 64, max_len: int | None = None,
                  merged=None):
@@ -263,5 +264,5 @@ class FastEngine:
     def sleep(self) -> None:
         pass
 
-    def wake_up(self) -> None:
-        pass
+    def wake_up(self, push=None) -> None:
+        pass  # reads the trainer's live weights: nothing to push

@@ -36,6 +36,7 @@ class HFEngine:
     """
 
     name = "hf"
+    shares_weights = True
 
     def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 64, synced_gpus: bool = False,
                  gather=None):
@@ -100,5 +101,5 @@ class HFEngine:
     def sleep(self) -> None:
         pass
 
-    def wake_up(self) -> None:
-        pass
+    def wake_up(self, push=None) -> None:
+        pass  # reads the trainer's live weights: nothing to push

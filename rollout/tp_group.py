@@ -28,6 +28,7 @@ class TPGroupEngine:
     def __init__(self, inner, group, group_rank: int):
         self.inner, self.group, self.group_rank = inner, group, group_rank
         self.name = f"{inner.name}-tp{torch.distributed.get_world_size(group)}"
+        self.shares_weights = getattr(inner, "shares_weights", False)
 
     def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[Rollout]:
         size = torch.distributed.get_world_size(self.group)
@@ -45,5 +46,17 @@ class TPGroupEngine:
     def sleep(self) -> None:
         self.inner.sleep()
 
-    def wake_up(self) -> None:
-        self.inner.wake_up()
+    def wake_up(self, push=None) -> None:
+        self.inner.wake_up(push)
+
+    @property
+    def startup(self) -> dict:
+        return getattr(self.inner, "startup", {})
+
+    @property
+    def needs_full_sync(self) -> bool:
+        return getattr(self.inner, "needs_full_sync", False)
+
+    @property
+    def last_sync(self) -> dict:
+        return getattr(self.inner, "last_sync", {})

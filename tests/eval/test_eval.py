@@ -5,7 +5,8 @@ import pytest
 
 from eval.core import evaluate
 from eval.metrics import pass_at_k
-from eval.run import COLUMNS, format_table
+from eval.run import format_table
+from rewards import Combined
 from eval.tasks import TASKS, load_task
 from rollout.base import Completion, Rollout, SamplingSettings
 
@@ -42,7 +43,7 @@ class Tok:
 def test_shipped_samples_score_exactly(name):
     task, rows = load_task(f"{name}:sample")
     assert rows, name
-    cols = tuple(dict.fromkeys(c for r in task.rewards for c in COLUMNS[r]))
+    cols = Combined(task.rewards).columns
     good = evaluate(OracleEngine([r[task.reference] for r in rows]), Tok(), rows, task.rewards,
                     SamplingSettings(n=1, temperature=0.0), columns=cols)
     assert good.summary["accuracy"] == 1.0 and good.summary["unscorable"] == 0, good.samples[:2]

@@ -15,11 +15,9 @@ QUESTIONS = [f"What is {a}+{b}?" for a, b in [(3, 4), (12, 7), (25, 5), (9, 18),
 
 
 @pytest.fixture(scope="module")
-def setup(sft_checkpoint, tmp_path_factory):
+def setup(sft_checkpoint):
     policy = load_policy(ModelConfig(name_or_path=str(sft_checkpoint / "final")), LoraConfig(r=8, alpha=16))
-    d = tmp_path_factory.mktemp("engine")
-    policy.save_merged(d)
-    engine = make_engine("vllm", policy, RolloutConfig(), d, "float32", 256)
+    engine = make_engine("vllm", policy, RolloutConfig(), "float32", 256)
     prompts = render_prompts(policy.tokenizer, [[{"role": "user", "content": q}] for q in QUESTIONS])
     return policy, engine, prompts
 
@@ -40,6 +38,8 @@ def _perturb(policy, seed, scale=0.02):
 def test_greedy_matches_hf_before_and_after_sync(setup):
     policy, engine, prompts = setup
     hf = HFEngine(policy.model, policy.tokenizer)
+    # The engine started from dummy weights: the first (full) sync alone makes it the policy.
+    assert engine.startup["first_sync_s"] > 0 and engine.last_sync["tensors"] == len(policy.merged_state_dict())
     assert _greedy(engine, prompts) == _greedy(hf, prompts)
     _perturb(policy, 0, scale=0.2)
     assert _greedy(engine, prompts) != _greedy(hf, prompts), "perturbation should change greedy output"

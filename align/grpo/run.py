@@ -1,0 +1,165 @@
+"""The typed state of one GRPO run and its set-up: policy, prepared forward, rollout engine, optimizer.
+
+Every phase of :mod:`align.grpo.loop` takes a :class:`GRPORun` (no string-keyed context); the run also
+owns the engine's lifecycle, so the order "wake the weights -> sync -> wake the KV cache" lives in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import get_scheduler
+
+from align.advantages import get_advantage
+from align.config import AlignConfig
+from align.dist import Dist
+from align.errors import AlignError
+from align.grpo.logprobs import CompletionLogprobs
+from align.moe import ExpertMonitor, RouterReplay
+from align.policy import Policy, load_policy
+from rewards import Combined
+from rollout import make_engine, render_prompts
+
+log = logging.getLogger(__name__)
+
+
+class PromptStream:
+    """Deterministic epoch-shuffled prompt order; its position is part of the checkpoint."""
+
+    def __init__(self, n: int, seed: int, position: int = 0):
+        self.n, self.seed, self.position = n, seed, position
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        for _ in range(k):
+            epoch, i = divmod(self.position, self.n)
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            out.append(order[i])
+            self.position += 1
+        return out
+
+
+@contextlib.contextmanager
+def timed(metrics: dict, name: str):
+    """Add the wall seconds of the block to ``metrics["time/<name>"]`` (verl's ``marked_timer``)."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        key = f"time/{name}"
+        metrics[key] = metrics.get(key, 0.0) + time.perf_counter() - t
+
+
+@dataclass
+class GRPORun:
+    cfg: AlignConfig
+    dist: Dist
+    policy: Policy
+    fwd: torch.nn.Module
+    """The policy's log-prob module as ``accelerate`` prepared it (DDP / DeepSpeed / FSDP2)."""
+    engine: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    rewards: Combined
+    advantage: object
+    rows: list[dict]
+    stream: PromptStream
+    monitor: ExpertMonitor | None
+    replay: RouterReplay | None
+    need_old: bool
+    """Old-policy log-probs are needed: several update passes, several minibatches, or router replay."""
+    engine_stale: bool = False
+    """The trainer's weights changed since the engine last took them."""
+    startup: dict = field(default_factory=dict)
+
+    def ready_engine(self, metrics: dict) -> None:
+        """Wake the engine for generation, syncing the policy into it first if it changed."""
+        changed = self.engine_stale or getattr(self.engine, "needs_full_sync", False)
+        push = self.push_weights if changed and not self.engine.shares_weights else None
+        with timed(metrics, "wake"):
+            self.engine.wake_up(push)
+        metrics.setdefault("time/sync", 0.0)
+        if push is not None:
+            metrics["time/wake"] -= self.engine.last_sync.get("seconds", 0.0)
+            metrics["time/sync"] = self.engine.last_sync.get("seconds", 0.0)
+            metrics["sync/params"] = self.engine.last_sync.get("params", 0)
+        self.engine_stale = False
+
+    def push_weights(self, full: bool) -> None:
+        """Merged policy weights into the engine: every weight, or only those an adapter can change."""
+        with self.dist.full_weights(self.fwd), self.policy.merged_weights(only_adapted=not full) as weights:
+            self.engine.update_weights(weights)
+
+    def release_engine(self, metrics: dict) -> None:
+        with timed(metrics, "sleep"):
+            self.engine.sleep()
+
+
+def within_length(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
+    """Drop prompts longer than ``data.max_length`` tokens, saying how many."""
+    lengths = [len(ids) for ids in render_prompts(tokenizer, [r["prompt"] for r in rows])]
+    kept = [r for r, n in zip(rows, lengths) if n <= max_length]
+    if len(kept) < len(rows):
+        log.warning("dropped %d of %d prompts longer than data.max_length=%d tokens", len(rows) - len(kept),
+                    len(rows), max_length)
+    if not kept:
+        raise AlignError(f"data.max_length={max_length}: every prompt is longer (shortest: {min(lengths)} tokens)")
+    return kept
+
+
+def _optimizer(cfg: AlignConfig, policy: Policy):
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    per_step = cfg.grpo.mu * math.ceil(cfg.grpo.prompts_per_step * cfg.rollout.num_generations / cfg.grpo.minibatch_size)
+    total = cfg.grpo.steps * per_step
+    scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=int(cfg.train.warmup_ratio * total),
+                              num_training_steps=total)
+    return optimizer, scheduler
+
+
+def _prepare(cfg: AlignConfig, policy: Policy, optimizer, dist: Dist):
+    """The log-prob module and optimizer through ``accelerate`` (stepped once per optimizer step)."""
+    ds = getattr(dist.acc.state, "deepspeed_plugin", None)
+    if ds is not None:
+        ds.deepspeed_config["train_micro_batch_size_per_gpu"] = dist.local_minibatch(cfg.grpo.minibatch_size)
+        ds.deepspeed_config.setdefault("gradient_accumulation_steps", 1)
+        ds.deepspeed_config["gradient_clipping"] = cfg.train.max_grad_norm
+    fwd, optimizer = dist.acc.prepare(CompletionLogprobs(policy.model), optimizer)
+    if dist.shards_params:
+        # FSDP2 picks its root on the first forward: make it the wrapper, before any generate call.
+        with torch.no_grad():
+            one = torch.ones(1, 2, dtype=torch.long, device=dist.device)
+            fwd(one, one, torch.arange(2, device=dist.device).view(1, 2), 1)
+    return fwd, optimizer
+
+
+def setup(cfg: AlignConfig, dist: Dist, rows: list[dict], policy: Policy | None = None) -> GRPORun:
+    """Everything a GRPO step needs, on this rank; ``policy``: an already built one (benchmarks)."""
+    t0 = time.perf_counter()
+    policy = policy or load_policy(cfg.model, cfg.lora)
+    if not policy.trainable_parameter_names():
+        raise AlignError("no trainable parameters: enable lora or set lora.enabled=false for full fine-tuning")
+    policy.model.to(dist.device)
+    t_model = time.perf_counter() - t0
+    optimizer, scheduler = _optimizer(cfg, policy)
+    fwd, optimizer = _prepare(cfg, policy, optimizer, dist)
+    max_len = min(policy.model.config.max_position_embeddings, cfg.data.max_length + cfg.rollout.max_new_tokens)
+    t = time.perf_counter()
+    engine = make_engine(cfg.rollout.engine, policy, cfg.rollout, cfg.model.dtype, max_len, dist,
+                         full_weights=lambda: dist.full_weights(fwd))
+    rows = within_length(rows, policy.tokenizer, cfg.data.max_length)
+    startup = {"model_s": t_model, "engine_s": time.perf_counter() - t, **getattr(engine, "startup", {})}
+    monitor = (ExpertMonitor(policy.model, cfg.monitor.balance_alpha1, cfg.monitor.balance_alpha2,
+                             cfg.monitor.num_devices, cfg.monitor.dead_threshold) if cfg.monitor.enabled else None)
+    g = cfg.grpo
+    return GRPORun(cfg=cfg, dist=dist, policy=policy, fwd=fwd, engine=engine, optimizer=optimizer,
+                   scheduler=scheduler, rewards=Combined(dict(cfg.rewards.functions)),
+                   advantage=get_advantage(g.advantage), rows=rows, stream=PromptStream(len(rows), cfg.train.seed),
+                   monitor=monitor, replay=RouterReplay(policy.model) if g.router_replay else None,
+                   need_old=g.mu > 1 or g.router_replay or g.prompts_per_step * cfg.rollout.num_generations > g.minibatch_size,
+                   startup=startup)

