@@ -6,50 +6,26 @@ Test formats, by which columns a row has:
 - MBPP: ``tests`` — a list of ``assert`` lines, each counted separately.
 - stdin/stdout: ``cases`` — a list of {input, output}; each case is its own sandboxed run.
 
-Tests run in the candidate's process, so the result line carries a nonce the candidate never sees
-in its namespace, builtins are restored before the tests run, and ``SystemExit`` inside the
-candidate or a test counts as a failure, never a pass.
+No test runs in the candidate's process: the candidate only loads its code and answers calls; the tests run in
+a trusted harness process (another uid, out of the candidate's reach) that counts the passes, and every value
+crosses as plain data, so no candidate object reaches ``==`` (``rewards.sandbox``). A HumanEval prompt's own
+helpers (``poly`` beside ``find_zero``) come from the dataset, not from the candidate. stdin/stdout outputs are
+compared here, outside the candidate. A run the sandbox could not set up is unscorable (``None``), never 0.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
-import secrets
 from concurrent.futures import ThreadPoolExecutor
 
-from rewards.sandbox import Limits, Sandbox
+from rewards.sandbox import Limits, RunResult, Sandbox
 
+log = logging.getLogger(__name__)
 _FENCE = re.compile(r"```(?:python|py|Python)?[ \t]*\n(.*?)```", re.DOTALL)
-SETTINGS = {"all_or_nothing": False, "limits": Limits(), "workers": 0}
+SETTINGS = {"all_or_nothing": False, "limits": Limits(), "workers": 0, "allow_unisolated": False}
 _SANDBOX: Sandbox | None = None
-
-HARNESS = r'''
-import os as _os, sys as _sys, builtins as _b
-def _run(_os=_os, _b=_b, _snap=dict(_b.__dict__), _w=_os.write, _dup=_os.dup(1)):
-    _fd = int(_sys.argv[1])
-    _tag = _os.read(_fd, 128)
-    _os.close(_fd)
-    _spec = __SPEC__
-    _ns = {"__name__": "__main__"}
-    _ok, _total = 0, len(_spec["tests"]) or 1
-    try:
-        exec(compile(_spec["code"], "solution.py", "exec"), _ns)
-        _loaded = True
-    except BaseException:
-        _loaded = False
-    _b.__dict__.clear()
-    _b.__dict__.update(_snap)
-    if _loaded:
-        for _t in _spec["tests"]:
-            try:
-                exec(compile(_t, "test.py", "exec"), _ns)
-                _ok += 1
-            except BaseException:
-                pass
-    _w(_dup, b"\n" + _tag + (" %d %d\n" % (_ok, _total)).encode())
-_run()
-'''
 
 
 def extract_code(completion: str) -> str:
@@ -71,52 +47,53 @@ def _humaneval_code(completion: str, prompt: str, entry_point: str) -> str:
 
 
 def build_spec(completion: str, prompt=None, test=None, entry_point=None, tests=None) -> dict | None:
-    """What the harness runs: candidate code and test snippets; None when the row has no tests."""
+    """What a test run needs: candidate ``code``, trusted ``setup``, the ``remote`` names bound to the candidate
+    (``None``: every function it defines) and the test snippets; ``None`` when the row has no tests."""
     if test and entry_point:
-        return {"code": _humaneval_code(completion, prompt or "", entry_point),
-                "tests": [test + f"\ncheck({entry_point})\n"]}
+        return {"code": _humaneval_code(completion, prompt or "", entry_point), "setup": prompt or "",
+                "remote": [entry_point], "tests": [test + f"\ncheck({entry_point})\n"]}
     if tests:
         tests = json.loads(tests) if isinstance(tests, str) else tests
-        return {"code": extract_code(completion), "tests": list(tests)}
+        return {"code": extract_code(completion), "setup": "", "remote": None, "tests": list(tests)}
     return None
 
 
 def _sandbox() -> Sandbox:
     global _SANDBOX
     if _SANDBOX is None:
-        _SANDBOX = Sandbox(SETTINGS["limits"], SETTINGS["workers"])
+        _SANDBOX = Sandbox(SETTINGS["limits"], SETTINGS["workers"], require_isolation=not SETTINGS["allow_unisolated"])
     return _SANDBOX
 
 
-def _score_spec(spec: dict) -> tuple[float, str]:
-    tag = "ALIGN-RESULT-" + secrets.token_hex(16)
-    program = HARNESS.replace("__SPEC__", repr(spec))
-    res = _sandbox().run(program, extra_fds={3: tag.encode()})
-    if res.status == "timeout":
-        return 0.0, "timeout"
-    lines = [line for line in res.stdout.splitlines() if line.startswith(tag)]
-    if not lines:
-        return 0.0, f"no result ({res.status}, rc={res.returncode}): {res.stderr[-200:]}"
-    ok, total = map(int, lines[-1].split()[1:3])
-    frac = ok / max(total, 1)
+def _fraction(ok: int, total: int) -> float:
     if SETTINGS["all_or_nothing"]:
-        frac = float(ok == total)
-    return frac, f"passed {ok}/{total}"
+        return float(ok == total)
+    return ok / max(total, 1)
 
 
-def _score_io(completion: str, cases) -> tuple[float, str]:
+def _score_spec(spec: dict) -> tuple[float | None, str]:
+    res = _sandbox().run_tests(spec["code"], spec["tests"], spec["setup"], spec["remote"])
+    if res.status == "setup-error":
+        return None, f"sandbox set-up failed: {res.stderr or res.extra.get('setup_error')}"[:200]
+    ok, total = res.extra["passed"], res.extra["total"]
+    note = "" if res.status == "ok" else f" ({res.status})"
+    return _fraction(ok, total), f"passed {ok}/{total}{note}"
+
+
+def _same_output(res: RunResult, expected) -> bool:
+    got = "\n".join(line.rstrip() for line in res.stdout.strip().splitlines())
+    want = "\n".join(line.rstrip() for line in str(expected).strip().splitlines())
+    return res.status == "ok" and got == want
+
+
+def _score_io(completion: str, cases) -> tuple[float | None, str]:
     cases = json.loads(cases) if isinstance(cases, str) else cases
     code = extract_code(completion)
-    ok = 0
-    for case in cases:
-        res = _sandbox().run(code, stdin=str(case["input"]))
-        got = "\n".join(line.rstrip() for line in res.stdout.strip().splitlines())
-        want = "\n".join(line.rstrip() for line in str(case["output"]).strip().splitlines())
-        ok += res.status == "ok" and got == want
-    frac = ok / max(len(cases), 1)
-    if SETTINGS["all_or_nothing"]:
-        frac = float(ok == len(cases))
-    return frac, f"passed {ok}/{len(cases)}"
+    results = [_sandbox().run(code, stdin=str(case["input"])) for case in cases]
+    if any(r.status == "setup-error" for r in results):
+        return None, "sandbox set-up failed"
+    ok = sum(_same_output(r, case["output"]) for r, case in zip(results, cases))
+    return _fraction(ok, len(cases)), f"passed {ok}/{len(cases)}"
 
 
 def score_one(completion: str, prompt=None, test=None, entry_point=None, tests=None, cases=None,
@@ -130,14 +107,23 @@ def score_one(completion: str, prompt=None, test=None, entry_point=None, tests=N
     return _score_spec(spec)
 
 
+def _guarded(completion: str, row: dict) -> tuple[float | None, str]:
+    """One sample's failure stays that sample's: an error here makes it unscorable, never the batch 0."""
+    try:
+        return score_one(completion, **row)
+    except (KeyError, TypeError, ValueError) as e:
+        return None, f"bad test row: {type(e).__name__}: {e}"[:200]
+
+
 def score_batch(completions: list[str], rows: list[dict]) -> list[tuple[float | None, str]]:
     """Score concurrently; the sandbox bounds concurrency by its uid slots."""
-    with ThreadPoolExecutor(max_workers=_sandbox().workers) as pool:
-        return list(pool.map(lambda cr: score_one(cr[0], **cr[1]), zip(completions, rows)))
+    box = _sandbox()  # fails here, once, when isolation is required and missing
+    with ThreadPoolExecutor(max_workers=box.workers) as pool:
+        return list(pool.map(lambda cr: _guarded(cr[0], cr[1]), zip(completions, rows)))
 
 
 def register() -> None:
     from rewards.registry import register_reward
 
     register_reward("code", optional=("prompt", "test", "entry_point", "tests", "cases", "prompt_text"),
-                    batch=score_batch)(score_one)
+                    batch=score_batch, preflight=_sandbox)(score_one)

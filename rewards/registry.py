@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from rewards.pool import TimeoutPool
+from rewards.sandbox import SandboxUnavailable
 
 log = logging.getLogger(__name__)
 Scorer = Callable[..., "tuple[float | None, str]"]
@@ -20,12 +21,20 @@ _POOLS: dict[tuple, TimeoutPool] = {}
 SETTINGS = {"timeout_s": 5.0, "workers": 0}
 
 
-def configure(timeout_s: float | None = None, workers: int | None = None) -> None:
-    """Set the per-sample time limit and worker count used by isolated rewards."""
+def configure(timeout_s: float | None = None, workers: int | None = None,
+              allow_unisolated_code: bool | None = None) -> None:
+    """Set the per-sample time limit and worker count used by isolated rewards (and the code sandbox), and
+    whether the code reward may run candidates without isolation."""
+    from rewards import code
+
     if timeout_s is not None:
         SETTINGS["timeout_s"] = timeout_s
+        code.SETTINGS["limits"].timeout_s = timeout_s
     if workers is not None:
         SETTINGS["workers"] = workers
+        code.SETTINGS["workers"] = workers
+    if allow_unisolated_code is not None:
+        code.SETTINGS["allow_unisolated"] = allow_unisolated_code
 
 
 def _pool(scorer: Scorer) -> TimeoutPool:
@@ -52,6 +61,8 @@ class Reward:
     """Optional whole-batch implementation (e.g. the sandbox pool); overrides per-sample calls."""
     optional: tuple[str, ...] = ()
     """Columns passed when present; their absence is not an error."""
+    preflight: Callable | None = None
+    """Called before training starts: raises if the reward cannot run here (e.g. no sandbox isolation)."""
 
     def detailed(self, completions: list[str], **columns) -> list[tuple[float | None, str]]:
         rows = [{c: columns[c][i] for c in self.columns if c in columns} for i in range(len(completions))]
@@ -70,9 +81,9 @@ class Reward:
 
 
 def register_reward(name: str, columns: tuple[str, ...] = (), isolated: bool = True,
-                    optional: tuple[str, ...] = (), batch: Callable | None = None):
+                    optional: tuple[str, ...] = (), batch: Callable | None = None, preflight: Callable | None = None):
     def deco(scorer: Scorer) -> Scorer:
-        _REGISTRY[name] = Reward(name, scorer, columns + optional, isolated, batch, optional)
+        _REGISTRY[name] = Reward(name, scorer, columns + optional, isolated, batch, optional, preflight)
         return scorer
     return deco
 
@@ -124,13 +135,20 @@ class Combined:
         """
         return tuple(dict.fromkeys(c for name in self.weights for c in get_reward(name).columns))
 
+    def preflight(self) -> None:
+        """Fail now, not mid-training, if a reward cannot run on this machine."""
+        for name in self.weights:
+            check = get_reward(name).preflight
+            if check is not None:
+                check()
+
     def score(self, completions: list[str], **columns) -> tuple[list[float | None], dict[str, list], dict[str, list]]:
         per: dict[str, list] = {}
         reasons: dict[str, list] = {}
         for name in self.weights:
             try:
                 detail = get_reward(name).detailed(completions, **columns)
-            except KeyError:
+            except (KeyError, SandboxUnavailable):
                 raise
             except Exception as e:  # a crashing verifier must not kill training: score 0, log
                 log.warning("reward %r raised %s: %s; scoring this batch 0 for it", name, type(e).__name__, e)

@@ -1,36 +1,41 @@
-"""Local sandbox for untrusted Python: one process group per run, rlimits, hard wall-clock kill,
-fresh temp dir, scrubbed environment, capped output, its own uid and an empty network namespace.
+"""Local sandbox for untrusted Python: every run in fresh namespaces, its own uid, a per-run cgroup.
 
-Isolation layers (see :func:`isolation`): a private network namespace (only a down loopback, so
-nothing is reachable, 127.0.0.1 included) where the kernel allows it; a dedicated unprivileged
-uid per concurrent slot (cannot signal the trainer, read its files or its environment, and its
-processes and stray files are found and removed after the run); rlimits on CPU seconds, address
-space, file size, processes and open files. A run whose isolation is missing is refused when
-``require_isolation`` is set, else it runs with a loud one-time warning.
+A run (``rewards/_runner.py``, started anew for each sample) is PID 1 of new PID, mount, IPC, network and UTS
+namespaces: private tmpfs where anyone may write, every other mount read-only, homes and caches hidden, no
+network (not even loopback), and when it ends the kernel ends every process and file it made. The candidate
+runs under a uid no other run on this host holds at the same time (slots are claimed with file locks, so
+two trainers or ranks on one host never share one), in a cgroup that bounds the memory and process count of
+the whole run, under rlimits and ``no_new_privs``. Tests run in a separate harness process under another uid
+(:mod:`rewards._harness`); the candidate only answers calls with plain data.
+
+Isolation is required: without root and namespaces a :class:`Sandbox` refuses to start unless it is created
+with ``require_isolation=False`` (``rewards.allow_unisolated_code=true``), which runs candidates as this user.
 """
 
 from __future__ import annotations
 
-import ctypes
+import fcntl
+import json
 import logging
 import os
-import queue
-import resource
-import shutil
-import signal
+import pwd
 import stat
 import subprocess
 import sys
 import tempfile
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-CLONE_NEWNET = 0x40000000
-UID_BASE = 61000
-SCRATCH_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+UID_BASE, HARNESS_UID_BASE, MAX_SLOTS = 61000, 63000, 1024
+LOCK_DIR = Path("/run/align-sandbox")
+RUNNER = Path(__file__).with_name("_runner.py")
+CANDIDATE = Path(__file__).with_name("_wire.py").read_text() + Path(__file__).with_name("_candidate.py").read_text()
+
+
+class SandboxUnavailable(RuntimeError):
+    """Isolation is required and this machine cannot provide it."""
 
 
 @dataclass
@@ -38,15 +43,18 @@ class Limits:
     timeout_s: float = 5.0
     cpu_s: int = 5
     memory_mb: int = 512
+    """Per process (address space) and for the whole run (cgroup)."""
     file_mb: int = 16
     processes: int = 32
+    """For the whole run (cgroup pids) and per uid (rlimit)."""
     open_files: int = 64
     output_bytes: int = 64_000
+    tmp_mb: int = 64
 
 
 @dataclass
 class RunResult:
-    status: str  # ok | error | timeout
+    status: str  # ok | error | timeout | setup-error
     returncode: int | None
     stdout: str
     stderr: str
@@ -56,19 +64,30 @@ class RunResult:
 
 def _world_usable(path: str) -> bool:
     p = Path(path).resolve()
-    for part in [p, *p.parents]:
-        mode = part.stat().st_mode
-        if part != p and not mode & stat.S_IXOTH:
-            return False
-    return bool(p.stat().st_mode & stat.S_IXOTH)
+    return all(part.stat().st_mode & stat.S_IXOTH for part in [p, *p.parents])
 
 
-def _probe_netns() -> bool:
-    pid = os.fork()
-    if pid == 0:
-        libc = ctypes.CDLL(None, use_errno=True)
-        os._exit(0 if libc.unshare(CLONE_NEWNET) == 0 else 1)
-    return os.waitpid(pid, 0)[1] == 0
+def _cgroup_roots() -> dict[str, Path]:
+    """Writable cgroup directories under which a run's own group can be made: v2, else v1 memory + pids."""
+    v2 = Path("/sys/fs/cgroup")
+    if (v2 / "cgroup.controllers").is_file():
+        own = Path(open("/proc/self/cgroup").read().split("::")[-1].strip().lstrip("/"))
+        base = v2 / own
+        ctl = (base / "cgroup.subtree_control").read_text() if (base / "cgroup.subtree_control").exists() else ""
+        return {"v2": base} if {"memory", "pids"} <= set(ctl.split()) and os.access(base, os.W_OK) else {}
+    roots = {}
+    for line in open("/proc/self/cgroup"):
+        _, ctrl, path = line.strip().split(":", 2)
+        for name in ("memory", "pids"):
+            if name in ctrl.split(",") and os.access(v2 / name / path.lstrip("/"), os.W_OK):
+                roots[name] = v2 / name / path.lstrip("/")
+    return roots if set(roots) == {"memory", "pids"} else {}
+
+
+def _probe_namespaces(python: str) -> bool:
+    res = subprocess.run(["unshare", "--pid", "--fork", "--mount", "--ipc", "--net", "--uts", "true"],
+                         capture_output=True) if os.path.exists("/usr/bin/unshare") else None
+    return res is not None and res.returncode == 0
 
 
 _ISOLATION: dict | None = None
@@ -79,173 +98,164 @@ def isolation() -> dict:
     global _ISOLATION
     if _ISOLATION is None:
         root = os.geteuid() == 0
-        interp = next((p for p in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3")
+        python = next((p for p in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3")
                        if os.path.exists(p) and (not root or _world_usable(p))), sys.executable)
-        _ISOLATION = {"network_namespace": root and _probe_netns(), "separate_uid": root,
-                      "rlimits": True, "python": interp}
-        if not (_ISOLATION["network_namespace"] and _ISOLATION["separate_uid"]):
-            log.warning("SANDBOX ISOLATION INCOMPLETE: %s — untrusted code could reach the network or this "
-                        "user's files; set require_isolation to refuse such runs", _ISOLATION)
+        cgroups = _cgroup_roots() if root else {}
+        _ISOLATION = {"namespaces": root and _probe_namespaces(python), "separate_uid": root,
+                      "cgroup": "v2" if "v2" in cgroups else ("v1" if cgroups else None), "rlimits": True,
+                      "python": python, "cgroup_roots": {k: str(v) for k, v in cgroups.items()}}
     return _ISOLATION
 
 
-def _preexec(uid: int | None, limits: Limits, netns: bool):
-    def fn():
-        os.setsid()
-        if netns:
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.unshare(CLONE_NEWNET) != 0:
-                os._exit(125)
-        mb = 1024 * 1024
-        for res, val in ((resource.RLIMIT_CPU, limits.cpu_s), (resource.RLIMIT_AS, limits.memory_mb * mb),
-                         (resource.RLIMIT_FSIZE, limits.file_mb * mb), (resource.RLIMIT_NPROC, limits.processes),
-                         (resource.RLIMIT_NOFILE, limits.open_files), (resource.RLIMIT_CORE, 0)):
-            resource.setrlimit(res, (val, val))
-        if uid is not None:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-    return fn
+def _complete(info: dict) -> bool:
+    return bool(info["namespaces"] and info["separate_uid"] and info["cgroup"])
 
 
-def _pids_of(uid: int) -> list[int]:
-    pids = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
+def _masks(python: str) -> list[str]:
+    """Directories hidden from candidates: homes, the trainer's working directory, dataset caches (never one
+    that holds the candidates' interpreter)."""
+    keep = os.path.realpath(python)
+    dirs = [pwd.getpwuid(os.getuid()).pw_dir, "/home", "/root", os.getcwd(), os.environ.get("HF_HOME", ""),
+            os.path.expanduser("~/.cache")]
+    out = []
+    for d in dict.fromkeys(os.path.realpath(d) for d in dirs if d):
+        if d != "/" and not (keep + "/").startswith(d + "/"):
+            out.append(d)
+    return out
+
+
+class _Slots:
+    """uid slots claimed host-wide with ``flock``: no two live sandboxes on this host share a uid."""
+
+    def __init__(self, n: int):
+        LOCK_DIR.mkdir(mode=0o700, exist_ok=True)
+        self.free: list[int] = []
+        self._files = []
+        for k in range(MAX_SLOTS):
+            fh = open(LOCK_DIR / f"slot-{k}.lock", "w")
             try:
-                if os.stat(f"/proc/{d}").st_uid == uid:
-                    with open(f"/proc/{d}/stat") as fh:
-                        state = fh.read().rsplit(")", 1)[1].split()[0]
-                    if state != "Z":
-                        pids.append(int(d))
-            except (OSError, IndexError):
-                pass
-    return pids
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.close()
+                continue
+            self._files.append(fh)
+            self.free.append(k)
+            if len(self.free) == n:
+                break
+        if len(self.free) < n:
+            raise SandboxUnavailable(f"sandbox: only {len(self.free)} of {n} uid slots free on this host")
+        self.cv = threading.Condition()
 
+    def take(self) -> int:
+        with self.cv:
+            self.cv.wait_for(lambda: self.free)
+            return self.free.pop()
 
-def _kill_uid(uid: int) -> None:
-    """Signal every process of ``uid`` in one syscall: a helper becomes that uid and calls kill(-1)."""
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setgid(uid)
-            os.setuid(uid)
-            os.kill(-1, signal.SIGKILL)
-        except OSError:
-            pass
-        os._exit(0)
-    os.waitpid(pid, 0)
-
-
-def _reap(uid: int | None, pgid: int) -> None:
-    """Kill the process group, then anything else the sandbox uid still runs (fork bombs, daemons)."""
-    if pgid > 0:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    if uid is None:
-        return
-    deadline = time.monotonic() + 5
-    while _pids_of(uid) and time.monotonic() < deadline:
-        _kill_uid(uid)
-        time.sleep(0.005)
-
-
-def _remove_strays(uid: int) -> None:
-    """Delete files the sandbox uid left in world-writable scratch dirs."""
-    for base in SCRATCH_DIRS:
-        if not os.path.isdir(base):
-            continue
-        for dirpath, dirnames, filenames in os.walk(base, topdown=False):
-            for name in filenames + dirnames:
-                path = os.path.join(dirpath, name)
-                try:
-                    st = os.lstat(path)
-                except OSError:
-                    continue
-                if st.st_uid == uid:
-                    shutil.rmtree(path, ignore_errors=True) if stat.S_ISDIR(st.st_mode) else os.unlink(path)
-
-
-def _read_capped(stream, cap: int, out: list) -> None:
-    data = b""
-    while chunk := stream.read(65536):
-        if len(data) < cap:
-            data += chunk[: cap - len(data)]
-    out.append(data.decode("utf-8", "replace"))
+    def give(self, k: int) -> None:
+        with self.cv:
+            self.free.append(k)
+            self.cv.notify()
 
 
 class Sandbox:
-    """Runs Python programs concurrently, one uid slot per worker."""
+    """Runs untrusted Python, ``workers`` runs at a time, each in its own isolated run."""
 
-    def __init__(self, limits: Limits | None = None, workers: int = 0, require_isolation: bool = False):
+    def __init__(self, limits: Limits | None = None, workers: int = 0, require_isolation: bool = True):
         self.limits = limits or Limits()
         self.info = isolation()
-        if require_isolation and not (self.info["network_namespace"] and self.info["separate_uid"]):
-            raise RuntimeError(f"sandbox isolation unavailable: {self.info}")
+        self.isolated = _complete(self.info)
+        if not self.isolated:
+            if require_isolation:
+                raise SandboxUnavailable(
+                    f"the code sandbox needs root with PID/mount/network namespaces and cgroups (found {self.info}); "
+                    "set rewards.allow_unisolated_code=true to run untrusted code as this user (unsafe)")
+            log.warning("SANDBOX ISOLATION OFF (rewards.allow_unisolated_code=true): candidates run as this user "
+                        "and can read its files and environment")
         self.workers = workers or os.cpu_count() or 1
-        self.slots: queue.Queue = queue.Queue()
-        for i in range(self.workers):
-            self.slots.put(UID_BASE + i if self.info["separate_uid"] else None)
+        self.slots = _Slots(self.workers) if self.isolated else None
+        self.uids = [UID_BASE + k for k in self.slots.free] if self.slots else []
+        self.masks = _masks(self.info["python"])
 
-    def run(self, program: str, stdin: str = "", extra_fds: dict[int, bytes] | None = None) -> RunResult:
-        uid = self.slots.get()
-        try:
-            return self._run(program, stdin, uid, extra_fds or {})
-        finally:
-            self.slots.put(uid)
+    def run(self, program: str, stdin: str = "") -> RunResult:
+        """Run ``program`` with ``stdin``; its stdout/stderr come back (capped) for the caller to judge."""
+        return self._job({"mode": "script", "program": program, "stdin": stdin})
 
-    def _run(self, program: str, stdin: str, uid: int | None, extra_fds: dict[int, bytes]) -> RunResult:
-        lim = self.limits
-        work = Path(tempfile.mkdtemp(prefix="align-sbx-"))
+    def run_tests(self, code: str, tests: list[str], setup: str = "", remote: list[str] | None = None) -> RunResult:
+        """Load ``code`` in the candidate process; run each test snippet in the harness with the candidate's
+        functions (``remote``; ``None``: all it defines) bound as proxies. ``extra``: passed, total."""
+        spec = {"setup": setup, "remote": remote, "tests": list(tests)}
+        res = self._job({"mode": "tests", "program": CANDIDATE, "code": code, "spec": spec, "stdin": ""})
+        res.extra.setdefault("passed", 0)
+        res.extra["total"] = len(tests)
+        return res
+
+    def _job(self, job: dict) -> RunResult:
+        slot = self.slots.take() if self.slots else None
+        groups, work = [], None
         try:
-            (work / "main.py").write_text(program)
-            if uid is not None:
-                for p in (work, work / "main.py"):
-                    os.chown(p, uid, uid)
-            env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8",
-                   "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
-            pipes = {fd: os.pipe() for fd in extra_fds}
-            pass_fds = []
-            for fd, (r, w) in pipes.items():
-                os.write(w, extra_fds[fd])
-                os.close(w)
-                pass_fds.append(r)
-            t0 = time.monotonic()
-            proc = subprocess.Popen(
-                [self.info["python"], "-I", "-S", "main.py", *[str(r) for r in pass_fds]], cwd=work, env=env,
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=pass_fds,
-                preexec_fn=_preexec(uid, lim, self.info["network_namespace"]), close_fds=True)
-            for r, _ in pipes.values():
-                os.close(r)
-            out: list = []
-            err: list = []
-            readers = [threading.Thread(target=_read_capped, args=(proc.stdout, lim.output_bytes, out)),
-                       threading.Thread(target=_read_capped, args=(proc.stderr, lim.output_bytes, err))]
-            for th in readers:
-                th.start()
-            try:
-                proc.stdin.write(stdin.encode())
-                proc.stdin.close()
-            except (BrokenPipeError, OSError):
-                pass
-            status = "ok"
-            try:
-                proc.wait(timeout=lim.timeout_s)
-            except subprocess.TimeoutExpired:
-                status = "timeout"
-            _reap(uid, proc.pid)
-            proc.wait()
-            for th in readers:
-                th.join(timeout=2)
-            secs = time.monotonic() - t0
-            rc = proc.returncode
-            if status == "ok" and rc != 0:
-                status = "timeout" if rc in (-signal.SIGXCPU, -signal.SIGKILL) and secs >= lim.cpu_s else "error"
-            return RunResult(status, rc, out[0] if out else "", err[0] if err else "", secs)
+            if slot is not None:
+                groups = self._cgroups(slot)
+            else:
+                work = tempfile.mkdtemp(prefix="align-sbx-")
+            job.update(limits=asdict(self.limits), isolate=self.isolated, mask=self.masks, python=self.info["python"],
+                       uid=None if slot is None else UID_BASE + slot,
+                       harness_uid=None if slot is None else HARNESS_UID_BASE + slot,
+                       cgroups=[str(g / "cgroup.procs") for g in groups], workdir=work)
+            return self._launch(job)
         finally:
-            if uid is not None:
-                _reap(uid, -1)
-                _remove_strays(uid)
-            shutil.rmtree(work, ignore_errors=True)
+            for g in groups:
+                _remove_cgroup(g)
+            if work:
+                subprocess.run(["rm", "-rf", work], check=False)
+            if slot is not None:
+                self.slots.give(slot)
+
+    def _cgroups(self, slot: int) -> list[Path]:
+        roots = {k: Path(v) for k, v in self.info["cgroup_roots"].items()}
+        name = f"align-sbx-{os.getpid()}-{slot}"
+        mem = self.limits.memory_mb << 20
+        if "v2" in roots:
+            g = roots["v2"] / name
+            g.mkdir(exist_ok=True)
+            (g / "memory.max").write_text(str(mem))
+            (g / "memory.swap.max").write_text("0") if (g / "memory.swap.max").exists() else None
+            (g / "pids.max").write_text(str(self.limits.processes))
+            return [g]
+        m, p = roots["memory"] / name, roots["pids"] / name
+        m.mkdir(exist_ok=True)
+        p.mkdir(exist_ok=True)
+        (m / "memory.limit_in_bytes").write_text(str(mem))
+        (p / "pids.max").write_text(str(self.limits.processes))
+        return [m, p]
+
+    def _launch(self, job: dict) -> RunResult:
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+        try:
+            proc = subprocess.run([self.info["python"], "-I", "-S", str(RUNNER)], input=json.dumps(job).encode(),
+                                  capture_output=True, env=env, timeout=self.limits.timeout_s + 20)
+            out = json.loads(proc.stdout)
+        except (subprocess.TimeoutExpired, ValueError) as e:
+            return RunResult("setup-error", None, "", f"sandbox runner failed: {type(e).__name__}", 0.0)
+        extra = {k: out[k] for k in ("passed", "finished", "complete", "setup_error") if out.get(k) is not None}
+        if out.get("setup_error"):
+            log.warning("sandbox set-up failed: %s", out["setup_error"])
+        return RunResult(out["status"], out["returncode"], out["stdout"], out["stderr"], out["seconds"], extra)
+
+
+def _remove_cgroup(g: Path) -> None:
+    """A run's cgroup, once its processes are gone: they die with the run's PID namespace; whatever is still
+    listed is killed here (host pids), so no candidate process outlives its run."""
+    for _ in range(200):
+        try:
+            for pid in (g / "cgroup.procs").read_text().split():
+                os.kill(int(pid), 9)
+        except (OSError, ValueError):
+            pass
+        try:
+            g.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            threading.Event().wait(0.005)
+    log.warning("sandbox: cgroup %s still busy", g)

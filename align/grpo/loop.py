@@ -27,7 +27,8 @@ from align.grpo.phases import sample_groups, to_batch
 from align.grpo.run import GRPORun, setup, timed
 from align.grpo.update import check_accumulation, fill_old_and_ref, policy_update
 from eval.core import held_out_summary
-from rewards import configure
+from rewards import Combined, configure
+from rewards.sandbox import SandboxUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -113,19 +114,31 @@ def _start(cfg: AlignConfig) -> tuple[GRPORun, Path, list[dict]]:
     """Run directory, data, reward workers, then the run itself (policy, engine, optimizer)."""
     dist = Dist()
     _check_launch(cfg, dist)
+    rewards = _rewards(cfg, dist)
     with dist.acc.main_process_first():
         run_dir = rundir.prepare(cfg, cfg.train.resume, main=dist.is_main)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     set_seed(cfg.train.seed)
-    configure(timeout_s=cfg.rewards.timeout_s, workers=cfg.rewards.workers or max(1, (os.cpu_count() or 1) // dist.world))
     rows = data_mod.prompt_rows(cfg.data, "train")
     held = data_mod.prompt_rows(cfg.data, "eval") if cfg.data.eval else []
-    from rewards import Combined
-
     # Start the scoring workers (fork) before the engine starts its threads.
-    Combined(dict(cfg.rewards.functions)).score([""], **{k: [rows[0].get(k)] for k in ("answer",) if rows[0].get(k) is not None})
+    rewards.score([""], **{k: [rows[0].get(k)] for k in ("answer",) if rows[0].get(k) is not None})
     return setup(cfg, dist, rows), run_dir, held
+
+
+def _rewards(cfg: AlignConfig, dist: Dist) -> Combined:
+    """The configured rewards, checked before anything heavy starts (unknown names, a sandbox that cannot isolate)."""
+    configure(timeout_s=cfg.rewards.timeout_s, workers=cfg.rewards.workers or max(1, (os.cpu_count() or 1) // dist.world),
+              allow_unisolated_code=cfg.rewards.allow_unisolated_code)
+    rewards = Combined(dict(cfg.rewards.functions))
+    try:
+        rewards.preflight()
+    except KeyError as e:
+        raise AlignError(f"rewards.functions: {e.args[0]}") from None
+    except SandboxUnavailable as e:
+        raise AlignError(f"rewards.functions.code: {e}") from None
+    return rewards
 
 
 def _resume(run: GRPORun, run_dir: Path) -> tuple[int, dict]:
