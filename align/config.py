@@ -154,7 +154,7 @@ class RolloutConfig:
 class RewardConfig:
     functions: dict = _f({"math": 1.0}, "Reward name -> weight; names from rewards.get_reward (math, code, format).")
     timeout_s: float = _f(5.0, "Per-sample verification time limit.")
-    workers: int = _f(0, "Scoring processes; 0 = number of cores.")
+    workers: int = _f(0, "Scoring processes; 0 = number of cores (the code sandbox runs twice as many runs at once).")
     allow_unisolated_code: bool = _f(False, "Let the code reward run candidates without namespaces and separate uids (machines without root): UNSAFE, candidates can then read this user's files and environment.")
 
 

