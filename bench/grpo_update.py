@@ -53,6 +53,21 @@ def synthetic_batch(n: int, max_prompt: int, max_completion: int, vocab: int, se
     return build_batch(prompts, comps, torch.randn(n, generator=g), 0, mask_truncated=True)
 
 
+def rollout_like_batch(n: int, vocab: int, cap: int = 256, seed: int = 0) -> UpdateBatch:
+    """``n`` rows shaped like math_rl.yaml's rollouts on the H200: prompts of 40-150 tokens, completions
+    exponential with scale 174 cut at ``cap`` (mean ~134, 23% cut; measured: mean 127, 23% cut)."""
+    g = torch.Generator().manual_seed(seed)
+    prompts, comps = [], []
+    for i in range(n):
+        if i % 16 == 0:
+            prompt = torch.randint(3, vocab, (int(torch.randint(40, 151, (1,), generator=g)),), generator=g).tolist()
+        k = max(1, min(cap, int(torch.empty(1).exponential_(1 / 174, generator=g))))
+        prompts.append(prompt)
+        comps.append(Completion(torch.randint(3, vocab, (k,), generator=g).tolist(), "", [-1.0] * k,
+                                "length" if k == cap else "stop"))
+    return build_batch(prompts, comps, torch.randn(n, generator=g), 0, mask_truncated=False)
+
+
 def in_arrival_order(self: UpdateBatch, n: int):
     """``UpdateBatch.micro_batches`` without the length grouping (each part still trims its own padding)."""
     order = torch.arange(self.size, device=self.input_ids.device)
@@ -111,6 +126,10 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=4, help="micro-batch size of the tuned rows")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--compile-layers", action="store_true", help="a last row with torch.compile'd decoder layers")
+    ap.add_argument("--rollout-shape", action="store_true",
+                    help="1,024 rows shaped like math_rl.yaml's rollouts, minibatches of 256 (issue 17's shape)")
+    ap.add_argument("--budgets", nargs="*", type=int, default=[],
+                    help="extra rows with grpo.max_tokens_per_micro_batch=B (no-grad passes 4B), grouped by length")
     a = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     v2 = a.shape == "v2-lite"
@@ -119,14 +138,20 @@ def main() -> None:
     model = prepare_for_training(model, ModelConfig(gradient_checkpointing=True),
                                  LoraConfig(r=16, alpha=32, adapter_dtype="float32"))
     policy = Policy(model=model, tokenizer=None, base_path="random")
-    batch = synthetic_batch(a.rows, 256 if v2 else 16, 1792 if v2 else 48, min(1000, model.config.vocab_size)).to(device)
+    vocab = min(1000, model.config.vocab_size)
+    if a.rollout_shape:
+        batch = rollout_like_batch(1024 if v2 else 64, vocab, 256 if v2 else 24).to(device)
+    else:
+        batch = synthetic_batch(a.rows, 256 if v2 else 16, 1792 if v2 else 48, vocab).to(device)
     res = {"shape": a.shape, "rows_per_minibatch": a.rows, "micro_batch_size": a.micro,
            "real_tokens": int(batch.attention_mask.sum()), "padded_tokens": batch.attention_mask.numel(), "rows": {}}
-    cfg = GRPOConfig(minibatch_size=a.rows, beta=0.04, mu=1)
+    cfg = GRPOConfig(minibatch_size=batch.size // 4 if a.rollout_shape else a.rows, beta=0.04, mu=1)
     tuned = f"bf16 adapters, micro-batches of {a.micro}"
     plan = [("align defaults: fp32 adapters, whole minibatch, every layer recomputed", 0, True, None),
             (f"{tuned} in arrival order, no recomputation", a.micro, False, in_arrival_order),
             (f"{tuned} grouped by length, no recomputation", a.micro, False, None)]
+    for b in a.budgets:
+        plan.append((f"bf16 adapters, token budget {b} (no-grad passes {4 * b}), every layer recomputed", -b, True, None))
     if a.compile_layers:
         plan.append((f"{tuned} grouped by length, no recomputation, compiled decoder layers", a.micro, False, "compile"))
     original = UpdateBatch.micro_batches
@@ -140,7 +165,9 @@ def main() -> None:
             res["compiled_layers"] = compile_decoder_layers(model)
             split = None
         UpdateBatch.micro_batches = split or original
-        row = run_row(policy, batch, GRPOConfig(**{**cfg.__dict__, "micro_batch_size": micro}), a.steps, device)
+        extra = ({"max_tokens_per_micro_batch": -micro, "logprob_tokens_per_micro_batch": -4 * micro}
+                 if micro < 0 else {"micro_batch_size": micro})
+        row = run_row(policy, batch, GRPOConfig(**{**cfg.__dict__, **extra}), a.steps, device)
         UpdateBatch.micro_batches = original
         res["rows"][name] = row
         print(f"{name}: {row}", flush=True)

@@ -1,3 +1,4 @@
+# ruff: noqa: F821  (appended to a copy of _wire.py, which defines send/receive/encode/decode)
 # The candidate's side of a test run (appended to a copy of _wire.py, run as `python -I -S candidate.py` under
 # the candidate's own uid). Loads solution.py, says which callables it defines, then answers calls one at a time
 # over fds 3 (requests) and 4 (answers). It never sees the tests or the expected values.

@@ -55,6 +55,21 @@ class UpdateBatch:
                "old_logp": keep, "ref_logp": keep}
         return self._map(lambda name, t: t[:, :cut[name]] if name in cut else t)
 
+    def by_tokens(self, max_tokens: int) -> list[torch.Tensor]:
+        """Row sets, longest completions first, each at most ``max_tokens`` padded tokens (rows x (P + longest
+        completion in the set)) and never empty (verl's dynamic batch size): many short rows share a forward,
+        a few long ones get their own."""
+        lens = self.attention_mask[:, self.prompt_width:].sum(-1)
+        order = lens.argsort(descending=True, stable=True).tolist()
+        parts: list[list[int]] = []
+        for i in order:
+            width = self.prompt_width + (int(lens[parts[-1][0]]) if parts else 0)
+            if parts and (len(parts[-1]) + 1) * width <= max_tokens:
+                parts[-1].append(i)
+            else:
+                parts.append([i])
+        return [torch.tensor(p) for p in parts]
+
     def micro_batches(self, n: int) -> list[tuple[torch.Tensor, "UpdateBatch"]]:
         """``n`` parts of these rows as (row indices, part), rows ordered by completion length so that each
         part drops the padding columns none of its rows use."""
@@ -62,6 +77,16 @@ class UpdateBatch:
             return [(torch.arange(self.size), self.trimmed())]
         order = self.attention_mask[:, self.prompt_width:].sum(-1).argsort(stable=True)
         return [(idx, self.rows(idx).trimmed()) for idx in order.tensor_split(n)]
+
+    def token_micro_batches(self, max_tokens: int, n: int) -> list[tuple[torch.Tensor, "UpdateBatch"]]:
+        """:meth:`by_tokens` parts, the largest split in halves until there are ``n`` (ranks must agree on a count)."""
+        parts = self.by_tokens(max_tokens)
+        while len(parts) < n:
+            big = max(range(len(parts)), key=lambda j: len(parts[j]))
+            if len(parts[big]) < 2:
+                break
+            parts[big:big + 1] = list(parts[big].tensor_split(2))
+        return [(idx.to(self.input_ids.device), self.rows(idx.to(self.input_ids.device)).trimmed()) for idx in parts]
 
 
 def build_batch(prompt_ids: list[list[int]], completions: list, advantages: torch.Tensor, pad_id: int,

@@ -104,7 +104,7 @@ def _save_final(run_dir: Path, run: GRPORun) -> None:
 def _check_launch(cfg: AlignConfig, dist: Dist) -> None:
     dist.local_minibatch(cfg.grpo.minibatch_size)
     dist.prompt_indices(cfg.grpo.prompts_per_step, cfg.rollout.num_generations, cfg.grpo.minibatch_size)
-    check_accumulation(dist, cfg.grpo.micro_batch_size > 0)
+    check_accumulation(dist, cfg.grpo.micro_batch_size > 0 or cfg.grpo.max_tokens_per_micro_batch > 0)
     if dist.backend != "ddp" and (cfg.train.save_steps or cfg.train.resume):
         raise AlignError(f"train.save_steps / train.resume: periodic checkpoints are written for DDP runs only, "
                          f"not under {dist.backend} yet (set train.save_steps=0)")

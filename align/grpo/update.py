@@ -40,6 +40,17 @@ def micro_count(n_local: int, micro_batch_size: int, dist: Dist | None) -> int:
     return int(max(1, min(want, dist.min(n_local))))
 
 
+def plan(mb: UpdateBatch, micro_batch_size: int, max_tokens: int, dist: Dist | None) -> list[tuple]:
+    """The micro-batches of one minibatch as (row indices, part): by token budget when ``max_tokens`` > 0, else
+    ``micro_batch_size`` rows each; every rank runs the same number (each forward may be a collective)."""
+    if max_tokens <= 0:
+        return mb.micro_batches(micro_count(mb.size, micro_batch_size, dist))
+    want = len(mb.by_tokens(max_tokens)) if mb.size else 1
+    if dist is not None and dist.world > 1:
+        want = int(min(-dist.min(-want), dist.min(mb.size)))
+    return mb.token_micro_batches(max_tokens, max(1, want))
+
+
 def check_accumulation(dist: Dist | None, accumulates: bool) -> None:
     """Refuse micro-batches under DeepSpeed before any work is done (called at launch)."""
     if accumulates and dist is not None and dist.backend.startswith("deepspeed"):
@@ -63,17 +74,22 @@ def fill_old_and_ref(policy, fwd, batch: UpdateBatch, cfg: GRPOConfig, temperatu
     device = next(fwd.parameters()).device
     width = batch.completion_width
     olds, refs = torch.zeros(batch.size, width), torch.zeros(batch.size, width)
+    # No backward here: larger parts than the update's, except the old pass under router replay, whose
+    # recorded routing is keyed by the update's own micro-batches.
+    big = cfg.logprob_tokens_per_micro_batch or cfg.max_tokens_per_micro_batch
     try:
         for k, idx in enumerate(local_chunks(batch.size, cfg.minibatch_size, dist)):
             mb = batch.rows(idx).to(device)
-            for j, (rows, part) in enumerate(mb.micro_batches(micro_count(mb.size, cfg.micro_batch_size, dist))):
-                at = idx[rows.cpu()]
-                if need_old:
-                    with replay("record", key=(k, j)) if replay is not None else _nullctx():
-                        olds[at] = _widen(_logp(fwd, part, temperature)[0].float().cpu(), width)
-                if cfg.beta > 0:
+            if need_old:
+                same = replay is not None
+                for j, (rows, part) in enumerate(plan(mb, cfg.micro_batch_size,
+                                                      cfg.max_tokens_per_micro_batch if same else big, dist)):
+                    with replay("record", key=(k, j)) if same else _nullctx():
+                        olds[idx[rows.cpu()]] = _widen(_logp(fwd, part, temperature)[0].float().cpu(), width)
+            if cfg.beta > 0:
+                for rows, part in plan(mb, cfg.micro_batch_size, big, dist):
                     with policy.reference():
-                        refs[at] = _widen(_logp(fwd, part, temperature)[0].float().cpu(), width)
+                        refs[idx[rows.cpu()]] = _widen(_logp(fwd, part, temperature)[0].float().cpu(), width)
         batch.old_logp = olds if need_old else None
         batch.ref_logp = refs if cfg.beta > 0 else None
     finally:
@@ -126,7 +142,7 @@ def _backward_minibatch(fwd, mb: UpdateBatch, k: int, cfg: GRPOConfig, temperatu
                         norm: dict, monitor, replay, dist: Dist | None):
     """Forward and backward of one minibatch a micro-batch at a time (gradients accumulate; DDP syncs on
     the last); returns (metrics, entropy/ratio rows, finite) without stepping."""
-    micro = mb.micro_batches(micro_count(mb.size, cfg.micro_batch_size, dist))
+    micro = plan(mb, cfg.micro_batch_size, cfg.max_tokens_per_micro_batch, dist)
     parts, ents, ratios = [], [], []
     for j, (_, part) in enumerate(micro):
         # The backward runs inside the replay context too: gradient checkpointing recomputes the routers

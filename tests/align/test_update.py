@@ -165,3 +165,49 @@ def test_router_replay_survives_gradient_checkpointing():
     assert finite and ref_finite and total == ref_total > 0
     for n in ref_params:
         assert torch.allclose(params[n], ref_params[n], atol=1e-6), n
+
+
+def _token_budget_update(loss: str, budget: int, replay_on: bool):
+    from align.grpo.update import fill_old_and_ref
+    from align.moe import RouterReplay
+
+    policy, batch, _, _ = _setup()
+    with torch.no_grad():
+        for n, p in policy.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+    opt = torch.optim.SGD([p for p in policy.model.parameters() if p.requires_grad], lr=1.0)
+    cfg = GRPOConfig(minibatch_size=4, max_tokens_per_micro_batch=budget, logprob_tokens_per_micro_batch=4 * budget,
+                     beta=0.1, loss=loss, mu=2, tis_cap=2.0)
+    fwd = CompletionLogprobs(policy.model)
+    replay = RouterReplay(policy.model) if replay_on else None
+    batch.rollout_logp = torch.randn(batch.rollout_logp.shape, generator=torch.Generator().manual_seed(1)) * 0.1 - 1
+    fill_old_and_ref(policy, fwd, batch, cfg, 1.0, replay, need_old=True)
+    metrics, finite = policy_update(policy, fwd, batch, cfg, opt, get_scheduler("constant", opt), 1.0, 3, 1.0,
+                                    replay=replay)
+    assert finite
+    return metrics, {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("loss", ["grpo", "dr_grpo", "dapo", "gspo"])
+@pytest.mark.parametrize("replay_on", [False, True])
+def test_token_budget_micro_batches_give_the_unsplit_step(loss, replay_on):
+    """Budgets of 7 and 14 tokens split the 4 rows (prompt width 4, completions of 3, 3, 2, 2 tokens) into 4 and 2
+    parts (the no-grad passes take 4x the budget, except the old pass under replay): same loss, same parameters
+    after mu=2 passes as the whole minibatch in one part."""
+    m_whole, p_whole = _token_budget_update(loss, 10_000, replay_on)
+    for budget in (7, 14):
+        m_split, p_split = _token_budget_update(loss, budget, replay_on)
+        for key in ("actor/pg_loss", "actor/grad_norm", "actor/kl"):
+            assert m_split[key] == pytest.approx(m_whole[key], rel=1e-5, abs=1e-7), (budget, key)
+        for n in p_whole:
+            assert torch.allclose(p_split[n], p_whole[n], atol=1e-6), (budget, n)
+
+
+def test_token_budget_groups_short_rows_and_isolates_long_ones():
+    _, batch, _, _ = _setup()
+    assert [len(p) for p in batch.by_tokens(7)] == [1, 1, 1, 1]  # width 7 (4 + 3): one row each
+    assert [len(p) for p in batch.by_tokens(14)] == [2, 2]
+    assert [len(p) for p in batch.by_tokens(10_000)] == [4]
+    parts = batch.token_micro_batches(10_000, 3)
+    assert len(parts) == 3 and sorted(torch.cat([i for i, _ in parts]).tolist()) == [0, 1, 2, 3]
