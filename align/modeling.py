@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -120,3 +121,46 @@ def load_base_model(cfg: ModelConfig, path: str, vocab_size: int) -> PreTrainedM
         )
     except OSError as e:
         raise AlignError(f"model.name_or_path={path!r}: cannot load ({str(e).splitlines()[0]})") from None
+
+
+_PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+def fuse_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint's per-expert tensors (``experts.{e}.gate_proj.weight`` … as ``save_pretrained`` writes them)
+    as transformers' fused in-memory parameters: ``experts.gate_up_proj`` [E, 2I, H] (gate rows first) and
+    ``experts.down_proj`` [E, H, I]. Other keys pass through; the inverse of :func:`rollout.weights.to_engine_names`.
+    """
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for key, t in state.items():
+        m = _PER_EXPERT.match(key)
+        if m:
+            experts.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = t
+        else:
+            out[key] = t
+    for prefix, per in experts.items():
+        order = sorted(per)
+        if order != list(range(len(order))) or any(len(per[e]) != 3 for e in order):
+            raise AlignError(f"checkpoint: incomplete routed experts under {prefix} (experts {order})")
+        out[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([per[e]["gate"], per[e]["up"]]) for e in order])
+        out[f"{prefix}.down_proj"] = torch.stack([per[e]["down"] for e in order])
+    return out
+
+
+def load_full_checkpoint(model: torch.nn.Module, directory: str | Path) -> None:
+    """Load a full-weights checkpoint (single or sharded safetensors) into ``model``, every tensor or an error:
+    transformers' Trainer loads non-strictly and would leave the fused experts at their initial values."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(directory / name, device="cpu"))
+    result = model.load_state_dict(fuse_experts(state), strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("lm_head.weight") or not model.config.tie_word_embeddings]
+    if missing or result.unexpected_keys:
+        raise AlignError(f"{directory}: checkpoint does not match the model (missing {missing[:4]}, "
+                         f"unexpected {result.unexpected_keys[:4]})")

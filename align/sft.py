@@ -20,6 +20,7 @@ from align import plots, rundir
 from align.config import AlignConfig
 from align.dist import Dist
 from align.errors import AlignError
+from align.modeling import load_full_checkpoint
 from align.moe import ExpertMonitor
 from align.policy import Policy, load_policy
 
@@ -58,6 +59,16 @@ class AlignSFTTrainer(SFTTrainer):
         super().log(logs, start_time)
         if self.metrics is not None:
             self.metrics.log(self.state.global_step, logs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Full-weights checkpoints are loaded strictly, experts fused back (``modeling.load_full_checkpoint``);
+        adapters, FSDP and DeepSpeed checkpoints take the Trainer's own path."""
+        model = model if model is not None else self.model
+        full = (Path(resume_from_checkpoint) / "model.safetensors").is_file() or \
+            (Path(resume_from_checkpoint) / "model.safetensors.index.json").is_file()
+        if not full or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_full_checkpoint(self.accelerator.unwrap_model(model), resume_from_checkpoint)
 
     def _save_checkpoint(self, model, trial) -> None:
         real = self.args.output_dir
