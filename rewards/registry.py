@@ -48,6 +48,21 @@ def _call(scorer: Scorer, completion: str, columns: dict):
     return scorer(completion, **columns)
 
 
+def completion_text(completion) -> str:
+    """A completion as text: a string, or TRL's conversational form (a list of messages; the last one's content).
+
+    >>> completion_text([{"role": "assistant", "content": "#### 7"}])
+    '#### 7'
+    """
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, (list, tuple)) and completion and isinstance(completion[-1], dict) \
+            and isinstance(completion[-1].get("content"), str):
+        return completion[-1]["content"]
+    raise TypeError(f"a completion must be a string or a list of chat messages, got {type(completion).__name__}: "
+                    f"{str(completion)[:60]!r}")
+
+
 @dataclass
 class Reward:
     """A named reward: a per-sample scorer, the dataset columns it reads, how it runs."""
@@ -64,7 +79,8 @@ class Reward:
     preflight: Callable | None = None
     """Called before training starts: raises if the reward cannot run here (e.g. no sandbox isolation)."""
 
-    def detailed(self, completions: list[str], **columns) -> list[tuple[float | None, str]]:
+    def detailed(self, completions: list, **columns) -> list[tuple[float | None, str]]:
+        completions = [completion_text(c) for c in completions]
         rows = [{c: columns[c][i] for c in self.columns if c in columns} for i in range(len(completions))]
         missing = [c for c in self.columns if c not in columns and c not in self.optional]
         if missing:

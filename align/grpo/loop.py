@@ -101,7 +101,31 @@ def _save_final(run_dir: Path, run: GRPORun) -> None:
     dist.barrier()
 
 
+def _check_settings(cfg: AlignConfig) -> None:
+    """Settings that would train nothing, be ignored, or fail only after the engine started: one line each, now."""
+    from transformers import SchedulerType
+
+    from align.advantages import get_advantage
+    from align.losses import get_loss
+
+    if cfg.rollout.num_generations < 2:
+        raise AlignError(f"rollout.num_generations={cfg.rollout.num_generations}: a group of one has zero "
+                         "group-relative advantage, so nothing trains (use >= 2)")
+    if cfg.train.max_steps != -1:
+        raise AlignError(f"train.max_steps={cfg.train.max_steps} is SFT's; GRPO runs grpo.steps={cfg.grpo.steps} "
+                         "(set grpo.steps instead)")
+    for key, lookup in (("grpo.loss", get_loss), ("grpo.advantage", get_advantage)):
+        try:
+            lookup(getattr(cfg.grpo, key.split(".")[1]))
+        except KeyError as e:
+            raise AlignError(f"{key}: {e.args[0]}") from None
+    known = [t.value for t in SchedulerType]
+    if cfg.train.lr_scheduler not in known:
+        raise AlignError(f"train.lr_scheduler: unknown scheduler {cfg.train.lr_scheduler!r}; known: {', '.join(known)}")
+
+
 def _check_launch(cfg: AlignConfig, dist: Dist) -> None:
+    _check_settings(cfg)
     dist.local_minibatch(cfg.grpo.minibatch_size)
     dist.prompt_indices(cfg.grpo.prompts_per_step, cfg.rollout.num_generations, cfg.grpo.minibatch_size)
     check_accumulation(dist, cfg.grpo.micro_batch_size > 0 or cfg.grpo.max_tokens_per_micro_batch > 0)

@@ -55,3 +55,19 @@ def test_unwritable_and_occupied_output(capsys, tmp_path):
     (run / "metrics.jsonl").write_text("keep me\n")
     assert "is not empty" in _err(capsys, ["sft", f"output.dir={run}"])
     assert (run / "metrics.jsonl").read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("rollout.num_generations=1", "nothing trains"),
+    ("train.max_steps=5", "GRPO runs grpo.steps"),
+    ("grpo.loss=ppo", "grpo.loss: unknown loss 'ppo'"),
+    ("grpo.advantage=gae", "grpo.advantage: unknown advantage 'gae'"),
+    ("train.lr_scheduler=nope", "train.lr_scheduler: unknown scheduler 'nope'"),
+    ("train.grad_accum=0", "train.grad_accum: must be >= 1"),
+    ("grpo.minibatch_size=0", "grpo.minibatch_size: must be >= 1"),
+    ("rewards.functions={nope: 1.0}", "unknown reward 'nope'"),
+])
+def test_grpo_settings_that_cannot_train_fail_before_anything_starts(capsys, tmp_path, override, needle):
+    out = tmp_path / "out"
+    assert needle in _err(capsys, ["grpo", "recipes/tiny_math_rl.yaml", override, f"output.dir={out}"])
+    assert not out.exists(), "nothing written"

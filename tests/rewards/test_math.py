@@ -79,3 +79,12 @@ def test_format_reward_is_linear_and_matches_its_pattern():
     t = time.perf_counter()
     assert format_one("so \\boxed{" + "1 " * 7000)[0] == 0.0
     assert time.perf_counter() - t < 0.05  # the regex took 1.5 s on 144 KB; this is one pass
+
+
+def test_trl_conversational_completions_are_scored_not_zeroed():
+    """TRL hands conversational completions over as message lists; they used to score 0.0 silently."""
+    math = get_reward("math")
+    chat = [[{"role": "assistant", "content": "3+4=7\n#### 7"}], [{"role": "assistant", "content": "#### 8"}]]
+    assert math(chat, answer=["7", "7"]) == [1.0, 0.0]
+    with pytest.raises(TypeError, match="list of chat messages"):
+        math([{"text": "#### 7"}], answer=["7"])
