@@ -33,18 +33,30 @@ def cmd_config(args) -> int:
     return 0
 
 
+def _stage(run, cfg) -> int:
+    """Run a training stage; if it fails before its final model, the run it was replacing comes back."""
+    from align import rundir
+
+    try:
+        summary = run(cfg)
+    except BaseException:
+        if int(os.environ.get("RANK", "0")) == 0:
+            rundir.restore_previous(cfg.output.dir)
+        raise
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_sft(args) -> int:
     from align.sft import run_sft
 
-    print(json.dumps(run_sft(_cfg(args)), indent=2))
-    return 0
+    return _stage(run_sft, _cfg(args))
 
 
 def cmd_grpo(args) -> int:
     from align.grpo.loop import run_grpo
 
-    print(json.dumps(run_grpo(_cfg(args)), indent=2))
-    return 0
+    return _stage(run_grpo, _cfg(args))
 
 
 def cmd_eval(args) -> int:
@@ -64,7 +76,7 @@ def cmd_report(args) -> int:
 def cmd_merge(args) -> int:
     from align.merge import merge_checkpoint
 
-    print(merge_checkpoint(args.checkpoint, args.out, args.dtype))
+    print(merge_checkpoint(args.checkpoint, args.out, args.dtype, args.overwrite))
     return 0
 
 
@@ -103,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("checkpoint")
     m.add_argument("out")
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    m.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     m.set_defaults(fn=cmd_merge)
     return p
 

@@ -14,6 +14,7 @@ from align.errors import AlignError
 
 CKPT_DIR = "checkpoints"
 FINAL_DIR = "final"
+PREVIOUS = ".previous"
 
 
 def prepare(cfg: AlignConfig, resume: bool, main: bool = True) -> Path:
@@ -31,19 +32,46 @@ def prepare(cfg: AlignConfig, resume: bool, main: bool = True) -> Path:
         probe.unlink()
     except OSError as e:
         raise AlignError(f"output.dir={str(out)!r}: not writable ({e.strerror})") from None
-    existing = [p for p in out.iterdir() if p.name not in (".write_test",)]
+    # A config.yaml alone is what a start that failed before training leaves: it does not make a run.
+    existing = [p for p in out.iterdir() if p.name not in (".write_test", "config.yaml", PREVIOUS)]
     if existing and not resume and not cfg.output.overwrite:
         raise AlignError(
             f"output.dir={str(out)!r} is not empty; pass train.resume=true to continue or output.overwrite=true")
-    if not resume:
-        for name in ("metrics.jsonl", "tb", CKPT_DIR, FINAL_DIR, "plots", "base"):
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+    if not resume and existing:
+        _set_aside(out, existing)
     (out / "config.yaml").write_text(dump_yaml(cfg))
     return out
+
+
+def _set_aside(out: Path, entries: list[Path]) -> None:
+    """``output.overwrite=true``: the previous run moves to ``<dir>/.previous`` and is deleted only once the new run
+    has written its final model (:func:`drop_previous`), so a new run that fails early loses nothing."""
+    aside = out / PREVIOUS
+    if aside.exists():
+        shutil.rmtree(aside)
+    aside.mkdir()
+    for p in entries:
+        os.replace(p, aside / p.name)
+
+
+def restore_previous(run_dir: str | Path) -> bool:
+    """Undo :func:`_set_aside` after a failed run: its partial outputs go, the previous run comes back."""
+    aside = Path(run_dir) / PREVIOUS
+    if not aside.is_dir():
+        return False
+    for p in aside.iterdir():
+        target = Path(run_dir) / p.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        os.replace(p, target)
+    aside.rmdir()
+    return True
+
+
+def drop_previous(run_dir: Path) -> None:
+    shutil.rmtree(Path(run_dir) / PREVIOUS, ignore_errors=True)
 
 
 class MetricsLogger:
@@ -93,10 +121,13 @@ def truncate_metrics(run_dir: Path, after_step: int) -> None:
 
 
 def commit_dir(staging: Path, final: Path) -> None:
-    """Atomically publish a fully written directory (rename within one filesystem)."""
+    """Atomically publish a fully written directory (rename within one filesystem); publishing a run's final
+    model also drops the run it replaced."""
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
+    if final.name == FINAL_DIR:
+        drop_previous(final.parent)
 
 
 def checkpoints(ckpt_root: Path, prefix: str = "checkpoint-") -> list[Path]:

@@ -71,3 +71,32 @@ def test_grpo_settings_that_cannot_train_fail_before_anything_starts(capsys, tmp
     out = tmp_path / "out"
     assert needle in _err(capsys, ["grpo", "recipes/tiny_math_rl.yaml", override, f"output.dir={out}"])
     assert not out.exists(), "nothing written"
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_can_replace_it(capsys, tmp_path):
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "adapter_config.json").write_text("{}")
+    (run / "summary.json").write_text('{"old": true}')
+    bad = tmp_path / "missing.jsonl"
+    assert "dataset file not found" in _err(capsys, ["sft", f"data.train={bad}", f"output.dir={run}",
+                                                      "output.overwrite=true"])
+    assert (run / "final" / "adapter_config.json").exists() and (run / "summary.json").read_text() == '{"old": true}'
+    assert not (run / ".previous").exists()
+
+
+def test_a_failed_start_does_not_block_the_corrected_rerun(capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("left by a failed start\n")
+    bad = tmp_path / "missing.jsonl"
+    # Refused for the bad data path, not for the leftover config.yaml.
+    assert "dataset file not found" in _err(capsys, ["sft", f"data.train={bad}", f"output.dir={run}"])
+
+
+def test_merge_refuses_a_non_empty_directory(capsys, tmp_path):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert "not empty" in _err(capsys, ["merge", str(tmp_path), str(out)])
+    assert (out / "keep.txt").read_text() == "mine"
