@@ -1,12 +1,13 @@
 # align: the two commands of the README.
 #   make demo   set up a fresh machine, then SFT -> GRPO -> eval -> report on the embedded tiny model (CPU)
-#   make test   set up, then run the test suite (what CI runs)
+#   make test   set up, then lint and run the fast unit tier (minutes; CI runs it, then test-integration)
+#   make test-integration   the real SFT / GRPO / vLLM-CPU runs (CI runs it after make test)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ALIGN := $(VENV)/bin/align
 STAMP := $(VENV)/.align-setup
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-integration lint bench clean
 
 setup: $(STAMP)
 
@@ -28,8 +29,14 @@ demo: setup
 	$(ALIGN) report runs/tiny_sft runs/tiny_math_rl --eval runs/eval --out runs/report
 	@echo "report: runs/report/report.md   eval table: runs/eval/table.md"
 
-test: setup
-	$(PY) -m pytest
+lint: setup
+	$(VENV)/bin/ruff check align rewards rollout eval bench tests
+
+test: lint
+	$(PY) -m pytest -m "not integration"
+
+test-integration: setup
+	$(PY) -m pytest -m integration
 
 bench: setup
 	$(PY) bench/sft_throughput.py

@@ -21,6 +21,7 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 
+from rewards.base import register_reward
 from rewards.sandbox import Limits, RunResult, Sandbox
 
 log = logging.getLogger(__name__)
@@ -126,8 +127,5 @@ def score_batch(completions: list[str], rows: list[dict]) -> list[tuple[float | 
         return list(pool.map(lambda cr: _guarded(cr[0], cr[1]), zip(completions, rows)))
 
 
-def register() -> None:
-    from rewards.registry import register_reward
-
-    register_reward("code", optional=("prompt", "test", "entry_point", "tests", "cases", "prompt_text"),
-                    batch=score_batch, preflight=_sandbox)(score_one)
+register_reward("code", optional=("prompt", "test", "entry_point", "tests", "cases", "prompt_text"),
+                batch=score_batch, preflight=_sandbox)(score_one)

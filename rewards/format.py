@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from rewards.base import register_reward
+
 DEFAULT_PATTERN = r"(?s)\S.*?(####\s*\S+|\\boxed\{.+\})\s*"
 MAX_CHARS = 16_000
 """Longer completions do not match: a custom pattern runs in the trainer's process, so its input is bounded."""
@@ -34,3 +36,8 @@ def format_one(completion: str, pattern: str = DEFAULT_PATTERN) -> tuple[float, 
         return 0.0, "too long to check"
     ok = _default_shape(text) if pattern == DEFAULT_PATTERN else re.fullmatch(pattern, text) is not None
     return (1.0, "ok") if ok else (0.0, "format mismatch")
+
+
+@register_reward("format", isolated=False, optional=("pattern",))
+def _format(completion: str, pattern: str | None = None):
+    return format_one(completion, pattern or DEFAULT_PATTERN)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import re
 
+from rewards.base import register_reward
+
 MAX_CHARS = 4000
 logging.getLogger("math_verify").setLevel(logging.ERROR)
 _ANSWER_IS = re.compile(r"answer is[:\s]*\$?([^\n$]+?)\$?\s*(?:\.\s*)?$", re.IGNORECASE | re.MULTILINE)
@@ -78,6 +80,7 @@ def _clean(ans: str) -> str:
     return re.sub(r"(?<=\d),(?=\d{3}\b)", "", ans)
 
 
+@register_reward("math", columns=("answer",))
 def verify_one(completion: str, answer) -> tuple[float | None, str]:
     """(score, reason) for one completion; score None when the gold answer cannot be parsed."""
     from math_verify import parse, verify

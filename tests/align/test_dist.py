@@ -16,6 +16,8 @@ from align.losses import LOSSES, aggregate
 from align.rundir import read_metrics
 from conftest import ROOT
 
+pytestmark = pytest.mark.integration  # real SFT/GRPO/vLLM runs: make test-integration
+
 
 def _dist(rank: int, world: int) -> Dist:
     return Dist(SimpleNamespace(process_index=rank, num_processes=world, is_main_process=rank == 0, device="cpu"))

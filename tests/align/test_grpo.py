@@ -11,6 +11,8 @@ import pytest
 from align.rundir import read_metrics
 from conftest import ROOT
 
+pytestmark = pytest.mark.integration  # real SFT/GRPO/vLLM runs: make test-integration
+
 pytest.importorskip("vllm")
 STEPS = 4
 ARGS = ["grpo.steps=4", "train.save_steps=2", "eval.num_samples=16", "grpo.prompts_per_step=8",
@@ -50,6 +52,17 @@ def test_grpo_run_writes_chat_rl_checkpoint(reference_run):
     summary = json.loads((reference_run / "summary.json").read_text())
     assert summary["engine"] == "vllm" and (reference_run / "final" / "adapter_config.json").exists()
     assert (reference_run / "plots" / "expert_load_grpo.png").exists()
+
+
+def test_golden_steps(reference_run):
+    """Steps 1-4 of the tiny GRPO run, pinned (tests/golden/tiny_grpo.json): a change of the loop, a loss, the
+    engine lifecycle or sampling that moves them must update the golden file on purpose."""
+    golden = json.loads((ROOT / "tests" / "golden" / "tiny_grpo.json").read_text())
+    rows = {str(r["step"]): r for r in read_metrics(reference_run)}
+    for key in ("actor/pg_loss", "reward/mean"):
+        assert golden[key], key
+        for step, value in golden[key].items():
+            assert rows[step][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (key, step)
 
 
 def test_kill_and_resume_gives_identical_metrics(sft_checkpoint, reference_run, tmp_path):

@@ -10,6 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from align.rundir import read_metrics
 from conftest import ROOT, run_cli
 
+pytestmark = pytest.mark.integration  # real SFT/GRPO/vLLM runs: make test-integration
+
 # Golden losses of recipes/tiny_sft.yaml (train.max_steps=300) at fixed steps; CPU float32.
 GOLDEN = json.loads((ROOT / "tests" / "golden" / "tiny_sft.json").read_text())
 

@@ -67,7 +67,7 @@ def test_crashing_reward_scores_zero_and_is_logged(caplog, monkeypatch):
     def boom(completion, answer=None):
         raise RuntimeError("verifier broke")
 
-    monkeypatch.setitem(registry._REGISTRY, "boom", registry.Reward("boom", boom, ("answer",), isolated=False))
+    monkeypatch.setitem(registry.REGISTRY, "boom", registry.Reward("boom", boom, ("answer",), isolated=False))
     total, per, reasons = Combined({"boom": 1.0}).score(["x", "y"], answer=["1", "2"])
     assert total == [0.0, 0.0] and "verifier broke" in reasons["boom"][0]
     assert "verifier broke" in caplog.text

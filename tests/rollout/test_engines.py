@@ -10,6 +10,8 @@ from align.policy import load_policy
 from rollout import SamplingSettings, make_engine, render_prompts
 from rollout.hf import HFEngine
 
+pytestmark = pytest.mark.integration  # real SFT/GRPO/vLLM runs: make test-integration
+
 vllm = pytest.importorskip("vllm")
 QUESTIONS = [f"What is {a}+{b}?" for a, b in [(3, 4), (12, 7), (25, 5), (9, 18), (30, 0), (14, 14)]]
 
