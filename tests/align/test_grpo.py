@@ -83,3 +83,23 @@ def test_kill_and_resume_gives_identical_metrics(sft_checkpoint, reference_run, 
             # mismatch/* measure float noise between trainer and engine (~1e-6): compare at that scale.
             tol = 1e-5 if key.startswith("mismatch/") else 1e-6
             assert got[step][key] == pytest.approx(value, rel=1e-4, abs=tol), (step, key)
+
+
+def test_grpo_scores_a_stdin_stdout_code_task(tmp_path):
+    """Reward columns come from each reward's declaration: the ``cases`` of stdin/stdout rows reach the code
+    reward in GRPO (before, the loop passed a fixed column list without ``cases``: every sample unscorable)."""
+    data = tmp_path / "io.jsonl"
+    rows = [{"question": f"Read n, print {k} * n.", "cases": [{"input": str(i), "output": str(k * i)} for i in (1, 2)]}
+            for k in range(2, 10)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "align.cli", "grpo", str(ROOT / "recipes" / "tiny_math_rl.yaml"),
+                          "model.name_or_path=tiny", f"data.train={data}", "data.eval=", "data.answer_field=",
+                          "data.max_length=128", "rewards.functions={code: 1.0}", "rollout.engine=hf",
+                          "grpo.steps=2", "grpo.prompts_per_step=4", "rollout.num_generations=2",
+                          "grpo.minibatch_size=8", "train.save_steps=0", f"output.dir={out}"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = read_metrics(out)
+    assert [r["step"] for r in metrics] == [1, 2]
+    assert all("reward/code" in r and r["reward/unscorable"] == 0 for r in metrics), metrics
