@@ -87,6 +87,39 @@ class Dist:
         k = n_prompts // self.world
         return list(range(self.rank * k, (self.rank + 1) * k))
 
+    def prepare(self, module: torch.nn.Module, optimizer, micro_batch: int, max_grad_norm: float):
+        """``module`` and ``optimizer`` through accelerate (DDP / DeepSpeed / FSDP2 by the launch config); DeepSpeed
+        is told the micro-batch and clipping first. FSDP2 picks its root on the first forward, so one tiny no-grad
+        forward makes it the wrapper before anything else calls the model."""
+        ds = getattr(self.acc.state, "deepspeed_plugin", None)
+        if ds is not None:
+            ds.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch
+            ds.deepspeed_config.setdefault("gradient_accumulation_steps", 1)
+            ds.deepspeed_config["gradient_clipping"] = max_grad_norm
+        module, optimizer = self.acc.prepare(module, optimizer)
+        if self.shards_params:
+            with torch.no_grad():
+                one = torch.ones(1, 2, dtype=torch.long, device=self.device)
+                module(one, one, torch.arange(2, device=self.device).view(1, 2), 1)
+        return module, optimizer
+
+    def backward(self, loss: torch.Tensor, module: torch.nn.Module, sync: bool) -> None:
+        """Backward of this rank's additive share of the loss. Ranks' gradients are averaged, so the share is
+        scaled by the world size; gradients are reduced only when ``sync`` (the last micro-batch)."""
+        with self.acc.no_sync(module) if not sync else contextlib.nullcontext():
+            self.acc.backward(loss * self.world)
+
+    def clip_grad_norm(self, params: list, max_norm: float):
+        return self.acc.clip_grad_norm_(params, max_norm)
+
+    def state_dict(self, module: torch.nn.Module) -> dict:
+        """The full state dict of a (possibly sharded) module, gathered on the main rank (a collective)."""
+        return self.acc.get_state_dict(module)
+
+    def main_first(self):
+        """Context: the main process runs the block first, then the others."""
+        return self.acc.main_process_first()
+
     def local_minibatch(self, minibatch: int) -> int:
         if minibatch % self.world:
             raise AlignError(f"grpo.minibatch_size={minibatch} must be divisible by the {self.world} processes")

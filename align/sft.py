@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -16,7 +15,7 @@ from trl import SFTConfig, SFTTrainer
 from trl.trainer.callbacks import RichProgressCallback
 
 from align import data as data_mod
-from align import plots, rundir
+from align import rundir, stage
 from align.config import AlignConfig
 from align.dist import Dist
 from align.errors import AlignError
@@ -148,17 +147,14 @@ def held_out_accuracy(policy: Policy, rows: list[dict], cfg: AlignConfig, synced
 
 
 def _save_final(trainer, policy: Policy, run_dir: Path, state: PartialState) -> None:
-    staging = run_dir / ".final.tmp"
-    if state.num_processes == 1:
-        policy.save(staging)
-    else:
+    def write_sharded(staging: Path) -> None:
         # The trainer gathers ZeRO-3 / FSDP shards and writes on the main process only.
         trainer.save_model(str(staging))
         if state.is_main_process:
             policy.save_extras(staging)
-    if state.is_main_process:
-        rundir.commit_dir(staging, run_dir / rundir.FINAL_DIR)
-    state.wait_for_everyone()
+
+    stage.save_final(run_dir, policy, state.num_processes, state.is_main_process, write_sharded,
+                     state.wait_for_everyone)
 
 
 def run_sft(cfg: AlignConfig) -> dict:
@@ -184,10 +180,7 @@ def run_sft(cfg: AlignConfig) -> dict:
         policy = load_policy(cfg.model, cfg.lora, base_dir=run_dir / "base" if main else None)
     trainable, total = policy.num_parameters()
     log.info("policy: %s trainable / %s total parameters", f"{trainable:,}", f"{total:,}")
-    monitor = None
-    if cfg.monitor.enabled:
-        monitor = ExpertMonitor(policy.model, cfg.monitor.balance_alpha1, cfg.monitor.balance_alpha2,
-                                cfg.monitor.num_devices, cfg.monitor.dead_threshold)
+    monitor = stage.make_monitor(policy.model, cfg.monitor)
     resume_from = None
     if cfg.train.resume:
         found = rundir.checkpoints(ckpt_dir)
@@ -227,9 +220,5 @@ def run_sft(cfg: AlignConfig) -> dict:
         "final": str(run_dir / rundir.FINAL_DIR),
     }
     if main:
-        if monitor is not None and monitor.history:
-            (run_dir / "moe_history.json").write_text(json.dumps(monitor.history))
-            plots.expert_heatmap(monitor, run_dir / "plots" / "expert_load_sft.png", "SFT expert load")
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        metrics.close()
+        stage.finish(run_dir, "sft", monitor, metrics, summary)
     return summary

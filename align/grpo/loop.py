@@ -7,7 +7,6 @@ The engine sleeps while the trainer runs and is woken (weights, sync, KV cache) 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -18,7 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from transformers import set_seed
 
 from align import data as data_mod
-from align import plots, rundir
+from align import rundir, stage
 from align.config import AlignConfig
 from align.dist import Dist
 from align.errors import AlignError
@@ -88,17 +87,15 @@ def held_out(run: GRPORun, held: list[dict]) -> dict:
 
 
 def _save_final(run_dir: Path, run: GRPORun) -> None:
-    staging, dist = run_dir / ".final.tmp", run.dist
-    if dist.world == 1:
-        run.policy.save(staging)
-    else:
+    dist = run.dist
+
+    def write_sharded(staging: Path) -> None:
         # accelerate gathers ZeRO-3 / FSDP2 shards into one full state dict (a collective).
-        state = dist.acc.get_state_dict(run.fwd)
+        state = dist.state_dict(run.fwd)
         if dist.is_main:
             run.policy.save(staging, state_dict={k.removeprefix("model."): v for k, v in state.items()})
-    if dist.is_main:
-        rundir.commit_dir(staging, run_dir / rundir.FINAL_DIR)
-    dist.barrier()
+
+    stage.save_final(run_dir, run.policy, dist.world, dist.is_main, write_sharded, dist.barrier)
 
 
 def _check_settings(cfg: AlignConfig) -> None:
@@ -139,7 +136,7 @@ def _start(cfg: AlignConfig) -> tuple[GRPORun, Path, list[dict]]:
     dist = Dist()
     _check_launch(cfg, dist)
     rewards = _rewards(cfg, dist)
-    with dist.acc.main_process_first():
+    with dist.main_first():
         run_dir = rundir.prepare(cfg, cfg.train.resume, main=dist.is_main)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -222,14 +219,5 @@ def run_grpo(cfg: AlignConfig) -> dict:
                "wall_s": round(time.time() - t0, 1), "engine": run.engine.name, "startup": run.startup,
                "final": str(run_dir / rundir.FINAL_DIR), "processes": dist.world, "backend": dist.backend}
     if dist.is_main:
-        _write_outputs(run, run_dir, metrics_log, summary)
+        stage.finish(run_dir, "grpo", run.monitor, metrics_log, summary)
     return summary
-
-
-def _write_outputs(run: GRPORun, run_dir: Path, metrics_log, summary: dict) -> None:
-    if run.monitor is not None and run.monitor.history:
-        (run_dir / "moe_history.json").write_text(json.dumps(run.monitor.history))
-        plots.expert_heatmap(run.monitor, run_dir / "plots" / "expert_load_grpo.png",
-                             "GRPO expert load (all updates, main rank)")
-    metrics_log.close()
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -21,6 +21,7 @@ from align.dist import Dist
 from align.errors import AlignError
 from align.grpo.logprobs import CompletionLogprobs
 from align.moe import ExpertMonitor, RouterReplay
+from align.stage import make_monitor
 from align.policy import Policy, load_policy
 from rewards import Combined
 from rollout import make_engine, render_prompts
@@ -122,22 +123,6 @@ def _optimizer(cfg: AlignConfig, policy: Policy):
     return optimizer, scheduler
 
 
-def _prepare(cfg: AlignConfig, policy: Policy, optimizer, dist: Dist):
-    """The log-prob module and optimizer through ``accelerate`` (stepped once per optimizer step)."""
-    ds = getattr(dist.acc.state, "deepspeed_plugin", None)
-    if ds is not None:
-        ds.deepspeed_config["train_micro_batch_size_per_gpu"] = dist.local_minibatch(cfg.grpo.minibatch_size)
-        ds.deepspeed_config.setdefault("gradient_accumulation_steps", 1)
-        ds.deepspeed_config["gradient_clipping"] = cfg.train.max_grad_norm
-    fwd, optimizer = dist.acc.prepare(CompletionLogprobs(policy.model), optimizer)
-    if dist.shards_params:
-        # FSDP2 picks its root on the first forward: make it the wrapper, before any generate call.
-        with torch.no_grad():
-            one = torch.ones(1, 2, dtype=torch.long, device=dist.device)
-            fwd(one, one, torch.arange(2, device=dist.device).view(1, 2), 1)
-    return fwd, optimizer
-
-
 def setup(cfg: AlignConfig, dist: Dist, rows: list[dict], policy: Policy | None = None) -> GRPORun:
     """Everything a GRPO step needs, on this rank; ``policy``: an already built one (benchmarks)."""
     t0 = time.perf_counter()
@@ -147,15 +132,15 @@ def setup(cfg: AlignConfig, dist: Dist, rows: list[dict], policy: Policy | None 
     policy.model.to(dist.device)
     t_model = time.perf_counter() - t0
     optimizer, scheduler = _optimizer(cfg, policy)
-    fwd, optimizer = _prepare(cfg, policy, optimizer, dist)
+    fwd, optimizer = dist.prepare(CompletionLogprobs(policy.model), optimizer,
+                                  dist.local_minibatch(cfg.grpo.minibatch_size), cfg.train.max_grad_norm)
     max_len = min(policy.model.config.max_position_embeddings, cfg.data.max_length + cfg.rollout.max_new_tokens)
     t = time.perf_counter()
     engine = make_engine(cfg.rollout.engine, policy, cfg.rollout, cfg.model.dtype, max_len, dist,
                          full_weights=lambda: dist.full_weights(fwd))
     rows = within_length(rows, policy.tokenizer, cfg.data.max_length)
     startup = {"model_s": t_model, "engine_s": time.perf_counter() - t, **getattr(engine, "startup", {})}
-    monitor = (ExpertMonitor(policy.model, cfg.monitor.balance_alpha1, cfg.monitor.balance_alpha2,
-                             cfg.monitor.num_devices, cfg.monitor.dead_threshold) if cfg.monitor.enabled else None)
+    monitor = make_monitor(policy.model, cfg.monitor)
     g = cfg.grpo
     return GRPORun(cfg=cfg, dist=dist, policy=policy, fwd=fwd, engine=engine, optimizer=optimizer,
                    scheduler=scheduler, rewards=Combined(dict(cfg.rewards.functions)),

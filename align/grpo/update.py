@@ -124,10 +124,8 @@ def _micro_step(fwd, part: UpdateBatch, cfg: GRPOConfig, temperature: float, max
     ok = dist.min(float(torch.isfinite(loss))) if dist is not None else float(torch.isfinite(loss))
     if not ok:
         return m, False
-    # Ranks' gradients are averaged; the rank losses are additive shares, so scale by the world size.
     if dist is not None:
-        with dist.acc.no_sync(fwd) if not last else _nullctx():
-            dist.acc.backward(loss * world)
+        dist.backward(loss, fwd, sync=last)
     else:
         loss.backward()
     m.update(mismatch_metrics(old, part.rollout_logp, part.completion_mask))
@@ -181,7 +179,7 @@ def policy_update(policy, fwd, batch: UpdateBatch, cfg: GRPOConfig, optimizer, s
                 optimizer.zero_grad(set_to_none=True)
                 continue
             if dist is not None:
-                gn = dist.acc.clip_grad_norm_(params, max_grad_norm)
+                gn = dist.clip_grad_norm(params, max_grad_norm)
             else:
                 gn = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             if gn is not None and not torch.isfinite(torch.as_tensor(gn)):
