@@ -55,7 +55,7 @@ class ModelConfig:
     experts_implementation: str = _f("auto", "Routed-experts kernel: auto (grouped_mm on GPU, eager on CPU), eager, grouped_mm, batched_mm.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     recompute_layers: int = _f(-1, "With gradient_checkpointing: recompute only the first N decoder layers and keep the other layers' activations (faster, more memory); -1 recomputes every layer.")
-    fused_kernels: bool = _f(True, "On GPUs, compiled RMSNorm, rope, SwiGLU and log-softmax (align/kernels.py); no effect on the CPU.")
+    fused_kernels: bool = _f(True, "On GPUs, compiled RMSNorm, rope and log-softmax (align/kernels/patches.py); no effect on the CPU.")
     compile_layers: bool = _f(False, "On GPUs, torch.compile every decoder layer that is not recomputed, for training forwards (see model.recompute_layers; the first steps spend a minute or two compiling); no effect on the CPU.")
     trust_remote_code: bool = _f(False, "Allow hub models with custom code (not needed for DeepSeek-V2 on transformers>=5).")
 

@@ -17,8 +17,8 @@ from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
 from align.config import LoraConfig, ModelConfig
-from align.dense_lora import use_addmm_lora
-from align.expert_lora import use_grouped_expert_lora
+from align.kernels.dense_lora import use_addmm_lora
+from align.kernels.expert_lora import use_grouped_expert_lora
 from align.kernels import can_compile_for_gpu, compile_decoder_layers, use_fused_kernels
 from align.lora import native_v5_targets, peft_config
 from align.modeling import TINY, load_base_model, load_tokenizer, resolve_base

@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from align.dense_lora import use_addmm_lora  # noqa: E402
-from align.expert_lora import use_grouped_expert_lora  # noqa: E402
+from align.kernels.dense_lora import use_addmm_lora  # noqa: E402
+from align.kernels.expert_lora import use_grouped_expert_lora  # noqa: E402
 from align.kernels import compile_decoder_layers  # noqa: E402
 from bench.common import write  # noqa: E402
 from bench.decode import TINY, V2_LITE, build  # noqa: E402

@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers.integrations.moe import _grouped_mm  # noqa: E402
 
-from align import kernels, lora_ops, moe_ops  # noqa: E402
+from align.kernels import lora_ops, moe_ops  # noqa: E402
+from align.kernels import patches as kernels  # noqa: E402
 from bench.common import write  # noqa: E402
 
 

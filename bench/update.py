@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from align.config import LoraConfig, ModelConfig  # noqa: E402
-from align.expert_lora import use_grouped_expert_lora  # noqa: E402
+from align.kernels.expert_lora import use_grouped_expert_lora  # noqa: E402
 from align.grpo.logprobs import completion_logprobs  # noqa: E402
 from align.policy import prepare_for_training, recompute_only_first  # noqa: E402
 from bench.common import write  # noqa: E402
@@ -147,7 +147,7 @@ def apply_lever(model, params, action, device):
 
         return use_fused_kernels()
     if action == "addmm":
-        from align.dense_lora import use_addmm_lora
+        from align.kernels.dense_lora import use_addmm_lora
 
         lever = Lever(model, use_addmm_lora)
         return {"layers": lever.result, "check_addmm_vs_peft_bf16": grad_check(model, device, lever)}

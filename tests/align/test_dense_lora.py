@@ -3,7 +3,7 @@
 import torch
 
 from align.config import load_config
-from align.dense_lora import use_addmm_lora
+from align.kernels.dense_lora import use_addmm_lora
 from align.policy import load_policy
 from lora_check import assert_same_step, loss_and_grads, policy_with_random_b
 

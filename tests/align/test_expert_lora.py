@@ -3,7 +3,7 @@
 import torch
 
 from align.config import load_config
-from align.expert_lora import use_grouped_expert_lora
+from align.kernels.expert_lora import use_grouped_expert_lora
 from align.policy import load_policy
 from lora_check import assert_same_step, loss_and_grads, policy_with_random_b
 

@@ -3,7 +3,7 @@
 import torch
 from transformers.models.deepseek_v2 import modeling_deepseek_v2 as m
 
-from align.kernels import _rms_norm, _rope, logp_from_logits, swiglu
+from align.kernels.patches import _rms_norm, _rope, logp_from_logits, swiglu
 
 
 def test_rms_norm_matches_transformers():
@@ -40,7 +40,7 @@ def test_logp_from_logits_is_log_softmax_at_targets():
 def test_chunked_logprobs_go_through_the_compiled_reduction_once_patched(monkeypatch):
     """Once ``use_fused_kernels`` installs the compiled reduction (GPUs), the chunked log-probs call it,
     forward and in the checkpointed backward, and get the eager values and gradients."""
-    from align import kernels
+    from align.kernels import patches as kernels
     from align.grpo.logprobs import token_logprobs
 
     torch.manual_seed(3)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from align import lora_ops, triton_ops
+from align.kernels import lora_ops, triton_kernels as triton_ops
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -97,7 +97,8 @@ def test_fake_kernels_agree_with_the_ops_on_transposed_factors():
 
 TRITON_CHECK = r"""
 import torch
-from align import kernels, lora_ops, triton_ops
+from align.kernels import lora_ops, triton_kernels as triton_ops
+from align.kernels import patches as kernels
 from transformers.integrations import moe  # registers the loop fallback used as reference
 _grouped_mm = torch.ops.transformers.grouped_mm_fallback
 g = torch.Generator().manual_seed(4)

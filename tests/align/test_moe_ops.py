@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from align import kernels, moe_ops, triton_ops
+from align.kernels import moe_ops, triton_kernels as triton_ops
+from align.kernels import patches as kernels
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,7 +78,7 @@ def test_ops_stay_whole_inside_a_compiled_graph():
 
 TRITON_CHECK = r"""
 import torch
-from align import moe_ops, triton_ops
+from align.kernels import moe_ops, triton_kernels as triton_ops
 g = torch.Generator().manual_seed(3)
 tokens, k, hidden = 6, 3, 40
 top = torch.rand(tokens, 5, generator=g).topk(k, -1)

@@ -1,8 +1,8 @@
 """The routed experts' data movement as custom operators (``torch.ops.align.*``): tokens to expert order and
-the weighted top-k sum back (SwiGLU is fused into the LoRA linears of :mod:`align.lora_ops`).
+the weighted top-k sum back (SwiGLU is fused into the LoRA linears of :mod:`align.kernels.lora_ops`).
 
 As operators they are opaque to ``torch.compile``: a compiled decoder layer calls them as they are instead of
-tracing them into inductor kernels, which for these gathers were several times slower than the Triton kernels of :mod:`align.triton_ops` (``bench/results/moe_kernels_cuda.json``). CUDA
+tracing them into inductor kernels, which for these gathers were several times slower than the Triton kernels of :mod:`align.kernels.triton_kernels` (``bench/results/moe_kernels_cuda.json``). CUDA
 tensors go through those kernels when Triton is there; everything else through the reference code below,
 which is also what the tests compare the kernels with.
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from align import triton_ops
+from align.kernels import triton_kernels
 
 
 @torch.library.custom_op("align::dispatch", mutates_args=())
@@ -34,8 +34,8 @@ def _(hidden, perm, inv, k):
 @torch.library.custom_op("align::gather_sum", mutates_args=())
 def gather_sum(grad: torch.Tensor, inv: torch.Tensor, k: int) -> torch.Tensor:
     """The backward of :func:`dispatch`: the k expert-order rows of each token summed; [T*k, H] -> [T, H]."""
-    if triton_ops.usable(grad, inv):
-        return triton_ops.gather_sum(grad, inv, k)
+    if triton_kernels.usable(grad, inv):
+        return triton_kernels.gather_sum(grad, inv, k)
     return grad[inv].view(-1, k, grad.shape[-1]).sum(1)
 
 
@@ -63,8 +63,8 @@ def combine(out: torch.Tensor, weights: torch.Tensor, inv: torch.Tensor) -> torc
 
     Replaces transformers' weighted copy and atomic ``index_add_`` (which rounds every partial sum to bf16):
     each token's k rows are read through ``inv`` and summed in fp32."""
-    if triton_ops.usable(out, weights, inv):
-        return triton_ops.combine_forward(out, weights, inv)
+    if triton_kernels.usable(out, weights, inv):
+        return triton_kernels.combine_forward(out, weights, inv)
     per_token = out[inv].view(weights.shape[0], weights.shape[1], -1)
     return torch.bmm(weights.unsqueeze(1), per_token).squeeze(1)
 
@@ -78,8 +78,8 @@ def _(out, weights, inv):
 def combine_backward(out: torch.Tensor, weights: torch.Tensor, inv: torch.Tensor,
                      grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of :func:`combine` w.r.t. ``out`` [T*k, H] and ``weights`` [T, k] for ``grad`` [T, H]."""
-    if triton_ops.usable(out, weights, inv, grad):
-        return triton_ops.combine_backward(out, weights, inv, grad)
+    if triton_kernels.usable(out, weights, inv, grad):
+        return triton_kernels.combine_backward(out, weights, inv, grad)
     per_token = out[inv].view(weights.shape[0], weights.shape[1], -1)
     grad_w = torch.bmm(per_token, grad.unsqueeze(-1)).squeeze(-1)
     grad_out = torch.empty_like(out)

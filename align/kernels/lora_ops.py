@@ -5,7 +5,7 @@ product, reads it back for the add, and in the backward does the same for the in
 the two paths' gradients). On V2-Lite those adds alone were 6% of a compiled update's GPU time
 (``bench/results/profile_update_compiled_cuda.txt``). Here the low-rank term is added inside a Triton kernel
 that reads the [S, r] factor product and each expert's [r, out] factor, in place on the base product
-(:func:`align.triton_ops.lora_add_`); for ``gate_up`` it goes straight into the SwiGLU, so the adapted
+(:func:`align.kernels.triton_kernels.lora_add_`); for ``gate_up`` it goes straight into the SwiGLU, so the adapted
 pre-activation is never written (the backward recomputes it from the saved base product).
 
 Shapes: S rows sorted by expert, ``offs`` [E] int32 cumulative row counts; ``weight`` [E, out, in] (transformers'
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from transformers.integrations.moe import _grouped_mm
 
-from align import kernels, triton_ops
+from align.kernels import patches, triton_kernels
 
 
 def _gmm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -46,8 +46,8 @@ def _per_expert_outer(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> t
 
 def _add_lowrank_(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """y += a_e @ b_e per expert's rows, in place on the fresh product ``y``."""
-    if triton_ops.usable(y, a, b):
-        return triton_ops.lora_add_(y.contiguous(), a, b.to(a.dtype), offs)
+    if triton_kernels.usable(y, a, b):
+        return triton_kernels.lora_add_(y.contiguous(), a, b.to(a.dtype), offs)
     return y.add_(_gmm(a, b, offs))
 
 
@@ -106,9 +106,9 @@ def lora_swiglu_linear(x: torch.Tensor, weight: torch.Tensor, down: torch.Tensor
     down, up = down.contiguous(), up.contiguous()
     xa = _gmm(x, down, offs)
     gate_up = _gmm(x, weight.transpose(-2, -1), offs)
-    if triton_ops.usable(gate_up, xa, up):
-        return triton_ops.lora_swiglu_forward(gate_up, xa, up.to(xa.dtype), offs), gate_up, xa
-    return kernels.swiglu(gate_up + _gmm(xa, up, offs)).to(gate_up.dtype), gate_up, xa
+    if triton_kernels.usable(gate_up, xa, up):
+        return triton_kernels.lora_swiglu_forward(gate_up, xa, up.to(xa.dtype), offs), gate_up, xa
+    return patches.swiglu(gate_up + _gmm(xa, up, offs)).to(gate_up.dtype), gate_up, xa
 
 
 @lora_swiglu_linear.register_fake
@@ -123,9 +123,9 @@ def lora_swiglu_backward(gate_up: torch.Tensor, xa: torch.Tensor, up: torch.Tens
                          grad: torch.Tensor) -> torch.Tensor:
     """Gradient [S, 2I] w.r.t. the adapted pre-activation ``gate_up + xa_e B_e`` of :func:`lora_swiglu_linear`."""
     up = up.contiguous()
-    if triton_ops.usable(gate_up, xa, up, grad):
-        return triton_ops.lora_swiglu_backward(gate_up, xa, up.to(xa.dtype), offs, grad)
-    return kernels.swiglu_grad((gate_up + _gmm(xa, up, offs)).to(gate_up.dtype), grad)
+    if triton_kernels.usable(gate_up, xa, up, grad):
+        return triton_kernels.lora_swiglu_backward(gate_up, xa, up.to(xa.dtype), offs, grad)
+    return patches.swiglu_grad((gate_up + _gmm(xa, up, offs)).to(gate_up.dtype), grad)
 
 
 @lora_swiglu_backward.register_fake

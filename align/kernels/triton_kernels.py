@@ -5,11 +5,11 @@ On V2-Lite (8,192 tokens x top-6 = 49,152 expert rows) inductor's versions of th
 sixth of the H100's memory bandwidth (``bench/results/profile_update_compiled_before_ops_cuda.txt``: SwiGLU backward
 840 us, the dispatch gather 805 us, its backward sum 559 us per layer), and eager's combine is a gather plus a
 batched GEMV. The combine and sum kernels are one program per token, read each input row once and do their
-arithmetic in fp32 rounded once; :mod:`align.moe_ops` wraps them as custom operators.
+arithmetic in fp32 rounded once; :mod:`align.kernels.moe_ops` wraps them as custom operators.
 
 The LoRA kernels (``_lora_*``) work on tiles of expert-sorted rows: they add the low-rank term
 ``a[rows] @ b[expert]`` (r <= 16 columns of ``a``, padded to 16 for ``tl.dot``) to a base product in place, or
-feed it straight into the SwiGLU, so the [S, out] low-rank product is never written. :mod:`align.lora_ops` wraps them.
+feed it straight into the SwiGLU, so the [S, out] low-rank product is never written. :mod:`align.kernels.lora_ops` wraps them.
 """
 
 from __future__ import annotations

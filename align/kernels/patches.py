@@ -1,16 +1,20 @@
-"""Fused elementwise kernels for DeepSeek-V2 training on GPUs (torch.compile, one graph per op).
+"""Compiled patches of transformers' DeepSeek-V2 for training on GPUs (torch.compile, one graph per op).
 
-Before these, a LoRA update of V2-Lite spent about half its GPU time in elementwise kernels: RMSNorm's
-fp32 round trip, the complex-number rope, SwiGLU and the vocabulary-wide log-softmax each launch several
-full-size kernels. Each is compiled here as a pure function of its tensors (weights passed as arguments,
-so every layer shares one compiled graph) and patched into transformers' DeepSeek-V2 module.
-:func:`compile_decoder_layers` goes further and compiles whole layers. GPU only: on the CPU nothing changes.
+Before these, a LoRA update of V2-Lite spent about half its GPU time in elementwise kernels: RMSNorm's fp32 round
+trip, the complex-number rope and the vocabulary-wide log-softmax each launch several full-size kernels. Each is
+compiled here as a pure function of its tensors (weights passed as arguments, so every layer shares one compiled
+graph) and patched into transformers' DeepSeek-V2 module. :func:`compile_decoder_layers` goes further and compiles
+whole layers. The routed experts' SwiGLU is not here: it runs fused into the LoRA grouped linears
+(:mod:`align.kernels.lora_ops`); :func:`swiglu` / :func:`swiglu_grad` are its reference (CPU) math. GPU only: on
+the CPU nothing changes.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from align.kernels.swap import swap_forwards
 
 _PATCHED = False
 
@@ -71,7 +75,7 @@ def can_compile_for_gpu() -> bool:
 
 def use_fused_kernels() -> bool:
     """Patch RMSNorm, rope and the log-prob reduction with compiled versions when a GPU is present (the
-    experts' SwiGLU is a Triton kernel, :mod:`align.moe_ops`)."""
+    experts' SwiGLU runs inside the LoRA operators, :mod:`align.kernels.lora_ops`)."""
     global _PATCHED, _logp_compiled
     if _PATCHED or not can_compile_for_gpu():  # without inductor's GPU backend the unfused ops stay
         return _PATCHED
@@ -101,16 +105,11 @@ def compile_decoder_layers(model: torch.nn.Module, backend: str = "inductor") ->
     # Dense and MoE layers differ; every other layer reuses one of those two graphs (parameters are inputs).
     dynamo.config.cache_size_limit = max(64, dynamo.config.cache_size_limit)
     for layer in layers:
-        layer._eager_forward = layer.forward
         layer._compiled_forward = torch.compile(layer.forward, dynamic=True, backend=backend)
-        layer.forward = _train_dispatch(layer)
-    return len(layers)
+    return swap_forwards(layers, _train_dispatch, "_eager_forward")
 
 
-def _train_dispatch(layer: torch.nn.Module):
-    def forward(*args, **kwargs):
-        if layer.training and torch.is_grad_enabled():
-            return layer._compiled_forward(*args, **kwargs)
-        return layer._eager_forward(*args, **kwargs)
-
-    return forward
+def _train_dispatch(layer: torch.nn.Module, *args, **kwargs):
+    if layer.training and torch.is_grad_enabled():
+        return layer._compiled_forward(*args, **kwargs)
+    return layer._eager_forward(*args, **kwargs)

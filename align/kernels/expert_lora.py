@@ -8,17 +8,17 @@ parameters are applied as low-rank grouped products on the routed tokens only:
     y = grouped_mm(x, W) + s * grouped_mm(grouped_mm(x, A), B)
 
 which is the same function (same adapter, same saved format), with O(tokens x r) extra activations. The
-operators of :mod:`align.lora_ops` compute it with the low-rank term fused into the add (and into the SwiGLU).
+operators of :mod:`align.kernels.lora_ops` compute it with the low-rank term fused into the add (and into the SwiGLU).
 Only the forward of the outermost wrapper changes; merging, disabling, saving and loading stay PEFT's.
 """
 
 from __future__ import annotations
 
-import types
 
 import torch
 
-from align import lora_ops, moe_ops
+from align.kernels import lora_ops, moe_ops
+from align.kernels.swap import swap_forwards
 
 
 def _factors(wrapper, adapter: str):
@@ -60,13 +60,10 @@ def _act(experts, gu: torch.Tensor) -> torch.Tensor:
 
 def use_grouped_expert_lora(model: torch.nn.Module) -> int:
     """Route every PEFT-wrapped fused-experts module through :func:`_forward`; returns how many."""
-    n = 0
-    for module in model.modules():
+    def fused_experts(module) -> bool:
         inner = getattr(module, "base_layer", None)
-        if (type(module).__name__ == "ParamWrapper" and getattr(module, "parameter_name", "") == "down_proj"
+        return (type(module).__name__ == "ParamWrapper" and getattr(module, "parameter_name", "") == "down_proj"
                 and getattr(inner, "parameter_name", "") == "gate_up_proj"
-                and hasattr(getattr(inner, "base_layer", None), "gate_up_proj") and not hasattr(module, "_peft_forward")):
-            module._peft_forward = module.forward
-            module.forward = types.MethodType(_forward, module)
-            n += 1
-    return n
+                and hasattr(getattr(inner, "base_layer", None), "gate_up_proj"))
+
+    return swap_forwards(filter(fused_experts, model.modules()), _forward, "_peft_forward")

@@ -12,10 +12,11 @@ model) keeps PEFT's forward.
 
 from __future__ import annotations
 
-import types
 
 import torch
 import torch.nn.functional as F
+
+from align.kernels.swap import swap_forwards
 
 
 def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -37,10 +38,4 @@ def use_addmm_lora(model: torch.nn.Module) -> int:
     """Route every PEFT ``lora.Linear`` through :func:`_forward`; returns how many layers."""
     from peft.tuners.lora.layer import Linear
 
-    n = 0
-    for module in model.modules():
-        if type(module) is Linear and not hasattr(module, "_peft_forward"):
-            module._peft_forward = module.forward
-            module.forward = types.MethodType(_forward, module)
-            n += 1
-    return n
+    return swap_forwards((m for m in model.modules() if type(m) is Linear), _forward, "_peft_forward")
