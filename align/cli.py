@@ -124,9 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from rewards.sandbox import SandboxUnavailable
+    from rollout.base import EngineError
+
     try:
         return args.fn(args)
-    except AlignError as e:
+    except (AlignError, EngineError, SandboxUnavailable) as e:
         print(f"align: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -138,7 +138,7 @@ def held_out_accuracy(policy: Policy, rows: list[dict], cfg: AlignConfig, synced
     """Greedy and sampled accuracy (math verifier) on held-out chat rows, through the HF engine.
 
     ``synced``: every rank generates in lockstep (weights sharded by ZeRO-3 / FSDP)."""
-    from eval.core import held_out_summary
+    from align.heldout import held_out_summary
     from rollout.hf import HFEngine
 
     prompts = [{**r, "prompt": [m for m in r["messages"] if m["role"] != "assistant"]} for r in rows]

@@ -9,7 +9,7 @@ from pathlib import Path
 from align.config import LoraConfig, load_config
 from align.errors import AlignError
 from align.policy import load_policy
-from eval.core import evaluate
+from align.heldout import evaluate
 from eval.tasks import load_task
 from rewards import Combined
 from rollout import SamplingSettings, make_engine

@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 
+class EngineError(Exception):
+    """The requested engine cannot run here (not installed, a model shape it rejects): the CLI shows one line."""
+
+
 @dataclass
 class SamplingSettings:
     n: int = 1

@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from align.errors import AlignError
+from rollout.base import EngineError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def make_engine(kind: str, policy, rollout_cfg, dtype: str = "float32", max_mode
                         gather=full_weights if dist is not None and dist.backend == "fsdp2" else None)
     reason = _vllm_unusable(policy, dtype)
     if reason:
-        raise AlignError(f"rollout.engine=vllm: {reason}")
+        raise EngineError(f"rollout.engine=vllm: {reason}")
     return _start_vllm(policy, rollout_cfg, dtype, max_model_len, world, dist, full_weights)
 
 

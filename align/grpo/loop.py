@@ -25,7 +25,7 @@ from align.grpo import state as ckpt
 from align.grpo.phases import sample_groups, to_batch
 from align.grpo.run import GRPORun, setup, timed
 from align.grpo.update import check_accumulation, fill_old_and_ref, policy_update
-from eval.core import held_out_summary
+from align.heldout import held_out_summary
 from rewards import Combined, configure
 from rewards.sandbox import SandboxUnavailable
 

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from eval.core import evaluate
-from eval.metrics import pass_at_k
+from align.heldout import evaluate
+from align.heldout import pass_at_k
 from eval.run import format_table
 from rewards import Combined
 from eval.tasks import TASKS, load_task

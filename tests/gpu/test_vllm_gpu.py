@@ -10,13 +10,12 @@ import pytest
 import torch
 
 from align.config import LoraConfig, ModelConfig, RolloutConfig, TinyModelConfig
-from align.errors import AlignError
 from align.grpo.batch import build_batch
 from align.grpo.logprobs import completion_logprobs
 from align.policy import load_policy
 from align.rundir import read_metrics
 from conftest import ROOT, run_cli
-from rollout import SamplingSettings, make_engine, render_prompts
+from rollout import EngineError, SamplingSettings, make_engine, render_prompts
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 vllm = pytest.importorskip("vllm")
@@ -73,10 +72,10 @@ def test_sleep_level2_wake_sync_wake_keeps_engine_equal_to_trainer(policy):
 
 def test_auto_engine_says_why_not_vllm_for_the_cpu_tiny_shape():
     cpu_shape = load_policy(ModelConfig(dtype="bfloat16"), LoraConfig(r=4, alpha=8))
-    with pytest.raises(AlignError, match="head shape"):
+    with pytest.raises(EngineError, match="head shape"):
         make_engine("vllm", cpu_shape, RolloutConfig(), "bfloat16", 128)
     fp32 = load_policy(ModelConfig(tiny=GPU_TINY), LoraConfig(r=4, alpha=8))
-    with pytest.raises(AlignError, match="float32"):
+    with pytest.raises(EngineError, match="float32"):
         make_engine("vllm", fp32, RolloutConfig(), "float32", 128)
     fp32.model.cuda()
     assert make_engine("auto", fp32, RolloutConfig(), "float32", 128).name == "fast"
