@@ -152,7 +152,7 @@ class RolloutConfig:
 
 @dataclass
 class RewardConfig:
-    functions: dict = _f({"math": 1.0}, "Reward name -> weight; names from rewards.get_reward (math, code, format).")
+    functions: dict = _f({"math": 1.0}, "Reward name -> weight: math, code, format, or the dotted path of your own function with TRL's signature fn(completions, **columns) (e.g. my_pkg.rewards.brevity: 0.1).")
     timeout_s: float = _f(5.0, "Per-sample verification time limit.")
     workers: int = _f(0, "Scoring processes; 0 = number of cores (the code sandbox runs twice as many runs at once).")
     allow_unisolated_code: bool = _f(False, "Let the code reward run candidates without namespaces and separate uids (machines without root): UNSAFE, candidates can then read this user's files and environment.")

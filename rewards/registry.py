@@ -35,9 +35,38 @@ def get_reward(name: str) -> Reward:
     [1.0, 0.0]
     """
     _load_builtins()
+    if name not in REGISTRY and "." in name:
+        REGISTRY[name] = _imported(name)
     if name not in REGISTRY:
-        raise KeyError(f"unknown reward {name!r}; known: {', '.join(sorted(REGISTRY))}")
+        raise KeyError(f"unknown reward {name!r}; known: {', '.join(sorted(REGISTRY))} "
+                       "(or a dotted path to your own function, e.g. my_pkg.rewards.length_penalty)")
     return REGISTRY[name]
+
+
+def _imported(path: str) -> Reward:
+    """A user's reward by dotted path, with TRL's signature ``fn(completions, **columns) -> list[float | None]``
+    (``prompts`` and ``completion_ids`` are not passed). The columns it reads are its named parameters."""
+    import importlib
+    import inspect
+
+    module, _, attr = path.rpartition(".")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise KeyError(f"reward {path!r}: cannot import it ({e})") from None
+    params = inspect.signature(fn).parameters
+    skip = {"completions", "prompts", "completion_ids", "trainer_state"}
+    columns = tuple(n for n, p in params.items() if n not in skip and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+    def batch(completions: list[str], rows: list[dict]) -> list[tuple[float | None, str]]:
+        cols = {c: [r.get(c) for r in rows] for c in columns}
+        scores = list(fn(completions=completions, **cols))
+        if len(scores) != len(completions):
+            raise ValueError(f"reward {path!r} returned {len(scores)} scores for {len(completions)} completions")
+        return [(None if v is None else float(v), path) for v in scores]
+
+    return Reward(path, lambda c, **k: batch([c], [k])[0], columns, isolated=False, batch=batch,
+                  optional=columns)
 
 
 def list_rewards() -> list[str]:

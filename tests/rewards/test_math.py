@@ -88,3 +88,17 @@ def test_trl_conversational_completions_are_scored_not_zeroed():
     assert math(chat, answer=["7", "7"]) == [1.0, 0.0]
     with pytest.raises(TypeError, match="list of chat messages"):
         math([{"text": "#### 7"}], answer=["7"])
+
+
+def test_a_users_reward_by_dotted_path(monkeypatch):
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    total, per, _ = Combined({"math": 1.0, "my_rewards.shorter": 0.5}).score(["#### 7", "#### 70"], answer=["7", "7"])
+    assert per["my_rewards.shorter"] == [pytest.approx(1 / 7), pytest.approx(1 / 8)]
+    assert total == [pytest.approx(1 + 0.5 / 7), pytest.approx(0.5 / 8)]
+    assert Combined({"my_rewards.shorter": 1.0}).columns == ("answer",)
+    with pytest.raises(KeyError, match="cannot import"):
+        get_reward("no_such_pkg.fn")
+    assert "my_rewards" in sys.modules
