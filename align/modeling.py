@@ -64,7 +64,8 @@ def _experts_impl(requested: str) -> str:
 def resolve_base(path: str) -> tuple[str, list[str]]:
     """Follow adapter checkpoints down to a full model: ``(base path, [adapters, oldest first])``.
 
-    A GRPO adapter names the SFT checkpoint as its base, which names the real base model.
+    A GRPO adapter names the SFT checkpoint as its base, which names the real base model; a local base is
+    named relative to the adapter's directory (absolute paths and hub ids are taken as they are).
     """
     adapters: list[str] = []
     while (Path(path) / "adapter_config.json").is_file():
@@ -76,7 +77,8 @@ def resolve_base(path: str) -> tuple[str, list[str]]:
         if not base:
             raise AlignError(f"{cfg}: no base_model_name_or_path")
         adapters.insert(0, path)
-        path = base
+        local = Path(path) / base  # written relative to the adapter, so moved runs keep their chain
+        path = str(local.resolve()) if not Path(base).is_absolute() and local.exists() else base
         if len(adapters) > 16:
             raise AlignError(f"{cfg}: adapter chain too deep (a cycle?)")
     return path, adapters

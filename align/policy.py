@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +96,10 @@ class Policy:
         if self.is_peft:
             cfg_path = out_dir / "adapter_config.json"
             cfg = json.loads(cfg_path.read_text())
-            cfg["base_model_name_or_path"] = self.base_path
+            base = Path(self.base_path)
+            # Relative to the adapter (staging dirs sit at the final directory's depth): runs can be moved.
+            cfg["base_model_name_or_path"] = os.path.relpath(base, out_dir.resolve()) if base.is_absolute() \
+                else self.base_path
             cfg_path.write_text(json.dumps(cfg, indent=2))
 
     def save_merged(self, out_dir: str | Path) -> None:

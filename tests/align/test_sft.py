@@ -115,3 +115,17 @@ def test_lora_resume_continues_exactly(tmp_path):
     assert [s for s in got if s > 20] == [25, 30, 35, 40]
     for s in (25, 30, 35, 40):
         assert got[s] == pytest.approx(want[s], rel=1e-6), s
+
+
+def test_adapter_chain_survives_moving_the_runs_folder(tmp_path):
+    """The adapter names its base relative to itself: a moved runs/ folder still merges."""
+    run = tmp_path / "runs" / "sft"
+    res = run_cli("sft", ROOT / "recipes" / "tiny_sft.yaml", f"output.dir={run}", "train.max_steps=5",
+                  "eval.num_samples=2", "lora.enabled=true")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((run / "final" / "adapter_config.json").read_text())["base_model_name_or_path"] == "../base"
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(tmp_path / "runs"), str(moved))
+    res = run_cli("merge", moved / "sft" / "final", tmp_path / "merged")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "merged" / "config.json").exists()
