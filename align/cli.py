@@ -48,15 +48,17 @@ def _stage(run, cfg) -> int:
 
 
 def cmd_sft(args) -> int:
+    cfg = _cfg(args)  # before torch and TRL import: a config error answers in a moment
     from align.sft import run_sft
 
-    return _stage(run_sft, _cfg(args))
+    return _stage(run_sft, cfg)
 
 
 def cmd_grpo(args) -> int:
+    cfg = _cfg(args)
     from align.grpo.loop import run_grpo
 
-    return _stage(run_grpo, _cfg(args))
+    return _stage(run_grpo, cfg)
 
 
 def cmd_eval(args) -> int:

@@ -113,6 +113,8 @@ def load_base_model(cfg: ModelConfig, path: str, vocab_size: int) -> PreTrainedM
         config._experts_implementation = _experts_impl(cfg.experts_implementation)
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
     check_model_path(path)
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise AlignError(f"model.name_or_path={path!r}: no config.json there (a tokenizer alone is not a model)")
     try:
         return AutoModelForCausalLM.from_pretrained(
             path,

@@ -86,6 +86,24 @@ class AlignSFTTrainer(SFTTrainer):
         self.accelerator.wait_for_everyone()
 
 
+def _trainable_rows(rows: list[dict], tokenizer, cfg: AlignConfig) -> list[dict]:
+    """Drop rows whose prompt alone fills ``data.max_length`` (truncation would leave no answer token to learn),
+    saying how many; none left is a one-line error, not a sampler traceback."""
+    field, limit = cfg.data.messages_field, cfg.data.max_length
+
+    def prompt_len(row) -> int:
+        ids = tokenizer.apply_chat_template(row[field][:-1], add_generation_prompt=True, tokenize=True)
+        return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    kept = [r for r in rows if prompt_len(r) < limit]
+    if not kept:
+        raise AlignError(f"data.max_length={limit}: every training prompt is at least that long; nothing to learn")
+    if len(kept) < len(rows):
+        log.warning("dropped %d of %d training rows whose prompt is %d tokens or longer (data.max_length)",
+                    len(rows) - len(kept), len(rows), limit)
+    return kept
+
+
 def _dataset(rows: list[dict], messages_field: str) -> Dataset:
     if rows and messages_field in rows[0]:
         return Dataset.from_list([{"messages": r[messages_field]} for r in rows])
@@ -193,7 +211,7 @@ def run_sft(cfg: AlignConfig) -> dict:
     trainer = AlignSFTTrainer(
         model=policy.model,
         args=sft_args(cfg, ckpt_dir, state.num_processes),
-        train_dataset=_dataset(train_rows, cfg.data.messages_field),
+        train_dataset=_dataset(_trainable_rows(train_rows, policy.tokenizer, cfg), cfg.data.messages_field),
         processing_class=policy.tokenizer,
         callbacks=[RichProgressCallback()],
         monitor=monitor,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import threading
 import time
 from multiprocessing.connection import wait
@@ -23,6 +24,8 @@ def _exit_with(parent_pid: int) -> None:
 
 
 def _worker(conn, fn, parent_pid: int) -> None:
+    # Ctrl-C reaches the whole process group: the trainer handles it; workers just end with it (no tracebacks).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with, args=(parent_pid,), daemon=True).start()
     while True:
         try:

@@ -100,3 +100,23 @@ def test_merge_refuses_a_non_empty_directory(capsys, tmp_path):
     (out / "keep.txt").write_text("mine")
     assert "not empty" in _err(capsys, ["merge", str(tmp_path), str(out)])
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_model_dir_without_config_and_prompts_longer_than_max_length(capsys, tmp_path):
+    from align.tokenizer import build_tokenizer
+
+    tok_only = tmp_path / "tok"
+    build_tokenizer().save_pretrained(tok_only)
+    assert "no config.json there" in _err(capsys, ["sft", f"model.name_or_path={tok_only}",
+                                                   f"output.dir={tmp_path / 'a'}"])
+    assert "every training prompt is at least that long" in _err(
+        capsys, ["sft", "data.max_length=8", "eval.num_samples=2", f"output.dir={tmp_path / 'b'}"])
+
+
+def test_a_config_error_answers_before_torch_is_imported():
+    import subprocess
+    import sys
+
+    code = "import sys; from align.cli import main; main(['sft', 'train.nope=1']) ; print('torch' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.stdout.strip() == "False" and "train.nope: unknown key" in res.stderr
