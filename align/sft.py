@@ -19,7 +19,7 @@ from align import rundir, stage
 from align.config import AlignConfig
 from align.dist import Dist
 from align.errors import AlignError
-from align.modeling import load_full_checkpoint
+from align.modeling import load_full_checkpoint, load_tokenizer, resolve_base
 from align.moe import ExpertMonitor
 from align.policy import Policy, load_policy
 
@@ -187,13 +187,16 @@ def run_sft(cfg: AlignConfig) -> dict:
                          "`accelerate launch --config_file recipes/accelerate/ddp.yaml -m align.cli sft ...` "
                          "or set CUDA_VISIBLE_DEVICES=0")
     main = state.is_main_process
+    # Everything that can be wrong with the data is found before the run directory is touched.
+    train_rows, held = data_mod.sft_rows(cfg.data)
+    base_path, adapters = resolve_base(cfg.model.name_or_path)
+    train_rows = _trainable_rows(train_rows, load_tokenizer(adapters[-1] if adapters else base_path), cfg)
     with state.main_process_first():
         run_dir = rundir.prepare(cfg, cfg.train.resume, main=main)
     ckpt_dir = run_dir / rundir.CKPT_DIR
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     set_seed(cfg.train.seed)
-    train_rows, held = data_mod.sft_rows(cfg.data)
     with state.main_process_first():
         policy = load_policy(cfg.model, cfg.lora, base_dir=run_dir / "base" if main else None)
     trainable, total = policy.num_parameters()
@@ -211,7 +214,7 @@ def run_sft(cfg: AlignConfig) -> dict:
     trainer = AlignSFTTrainer(
         model=policy.model,
         args=sft_args(cfg, ckpt_dir, state.num_processes),
-        train_dataset=_dataset(_trainable_rows(train_rows, policy.tokenizer, cfg), cfg.data.messages_field),
+        train_dataset=_dataset(train_rows, cfg.data.messages_field),
         processing_class=policy.tokenizer,
         callbacks=[RichProgressCallback()],
         monitor=monitor,
