@@ -11,26 +11,30 @@ from align import plots
 from align.errors import AlignError
 from align.rundir import read_metrics
 
-PANELS = [
-    ("reward", "reward / accuracy", ["reward/mean", "reward/math", "reward/code", "eval/greedy_accuracy", "eval/sampled_accuracy"]),
-    ("loss", "training loss", ["loss", "actor/pg_loss"]),
-    ("kl", "KL to reference / mismatch", ["actor/kl", "mismatch/kl_k3", "mismatch/abs_logp_mean"]),
-    ("clipfrac", "clip fraction", ["actor/clipfrac"]),
-    ("entropy", "policy entropy", ["actor/entropy", "entropy"]),
-    ("length", "completion length (tokens)", ["completion/len_mean"]),
-    ("phases", "seconds per phase", ["time/rollout", "time/score", "time/logprobs", "time/update", "time/sync"]),
-    ("throughput", "rollout tokens/s", ["throughput/rollout_tok_s"]),
-    ("moe_cv", "expert load CV (mean over layers)", ["moe/cv_mean", "moe/maxvio_mean"]),
+PANELS = [  # (file, title, y-axis label, metric keys)
+    ("reward", "mean reward of the samples", "reward", ["reward/mean", "reward/math", "reward/code", "reward/format"]),
+    ("accuracy", "held-out accuracy during training", "accuracy (fraction)",
+     ["eval/greedy_accuracy", "eval/sampled_accuracy"]),
+    ("loss", "training loss", "loss", ["loss", "actor/pg_loss"]),
+    ("kl", "KL to reference / train-infer mismatch", "nats", ["actor/kl", "mismatch/kl_k3", "mismatch/abs_logp_mean"]),
+    ("clipfrac", "clip fraction", "fraction of tokens", ["actor/clipfrac"]),
+    ("entropy", "policy entropy", "nats per token", ["actor/entropy", "entropy"]),
+    ("length", "completion length", "tokens", ["completion/len_mean"]),
+    ("phases", "seconds per phase", "seconds", ["time/rollout", "time/score", "time/logprobs", "time/update",
+                                                 "time/sync"]),
+    ("throughput", "rollout throughput", "tokens/s", ["throughput/rollout_tok_s"]),
+    ("moe_cv", "expert load imbalance (mean over layers)", "CV / MaxVio", ["moe/cv_mean", "moe/maxvio_mean"]),
 ]
 
 
-def _series(runs: dict[str, list[dict]], keys: list[str]) -> dict[str, list[tuple[float, float]]]:
-    out = {}
+def _series(runs: dict[str, list[dict]], keys: list[str]) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """{run: {metric: points}} for the runs that logged any of ``keys``."""
+    out: dict[str, dict] = {}
     for name, rows in runs.items():
         for key in keys:
             pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
             if pts:
-                out[f"{name}: {key}" if len(runs) > 1 else key] = pts
+                out.setdefault(name, {})[key] = pts
     return out
 
 
@@ -55,16 +59,17 @@ def write_report(run_dirs: list[str], out: str | None = None, eval_dir: str | No
         if not table.is_file():
             raise AlignError(f"--eval {eval_dir}: no table.md (run align eval --out {eval_dir} first)")
         lines += ["## evaluation (`align eval`)", "", table.read_text().strip(), ""]
-    for key, title, keys in PANELS:
+    for key, title, ylabel, keys in PANELS:
         series = _series(runs, keys)
         if series:
-            plots.curves(series, figs / f"{key}.png", title)
+            plots.curves_by_run(series, figs / f"{key}.png", title, ylabel)
             lines += [f"## {title}", f"![{key}](plots/{key}.png)", ""]
     for name, rows in runs.items():
         for stat in ("cv", "maxvio"):
             series = _layer_series(rows, stat)
             if series:
-                plots.curves(series, figs / f"{name}_layer_{stat}.png", f"{name}: per-layer load {stat}")
+                plots.curves(series, figs / f"{name}_layer_{stat}.png", f"{name}: per-layer load {stat}",
+                             "CV" if stat == "cv" else "MaxVio")
                 lines += [f"## {name}: per-layer expert load {stat}", f"![{stat}](plots/{name}_layer_{stat}.png)", ""]
     for d in run_dirs:
         lines += _run_section(Path(d), figs)
@@ -79,10 +84,12 @@ def _run_section(run: Path, figs: Path) -> list[str]:
     hist = run / "moe_history.json"
     if hist.is_file():
         history = json.loads(hist.read_text())
-        for label, snap in (("start", history[0]), ("end", history[-1])):
-            layers, matrix = plots.share_matrix(snap)
+        snaps = {label: plots.share_matrix(snap) for label, snap in (("start", history[0]), ("end", history[-1]))}
+        experts = len(snaps["start"][1][0])
+        vmax = max(2.0 / experts, *(max(map(max, m)) for _, m in snaps.values()))  # one scale for both
+        for label, (layers, matrix) in snaps.items():
             path = plots.heatmap(matrix, layers, figs / f"{run.name}_experts_{label}.png",
-                                 f"{run.name}: expert load at {label}")
+                                 f"{run.name}: expert load at {label}", vmax=vmax)
             lines.append(f"![experts {label}](plots/{path.name})")
         lines.append("")
     summary = run / "summary.json"

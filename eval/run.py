@@ -51,7 +51,7 @@ def run_eval(checkpoints: list[str], tasks: str, recipe: str | None, overrides: 
                     fh.write(json.dumps(s) + "\n")
             (d / f"{task.name}.summary.json").write_text(json.dumps(res.summary, indent=2))
             table.setdefault(label, {})[task.name] = res.summary
-    text = format_table(table, ks)
+    text = format_table(table, ks, settings)
     (out_dir / "table.md").write_text(text + "\n")
     (out_dir / "summary.json").write_text(json.dumps(table, indent=2))
     return text
@@ -66,11 +66,15 @@ def _engine_for(engine, policy, cfg, out_dir: Path):
                        min(policy.model.config.max_position_embeddings, 4096))
 
 
-def format_table(table: dict[str, dict[str, dict]], ks: list[int]) -> str:
-    """Markdown: one row per checkpoint, one column per task (accuracy ± stderr, pass@k)."""
+def format_table(table: dict[str, dict[str, dict]], ks: list[int], settings: SamplingSettings | None = None) -> str:
+    """Markdown: one row per checkpoint, one column per task (accuracy ± stderr, pass@k), under a line that says
+    how the answers were drawn (greedy, or sampled at T with n per prompt)."""
     tasks = list(dict.fromkeys(t for row in table.values() for t in row))
+    how = "" if settings is None else ("greedy decoding, exact match (%)" if settings.greedy else
+                                       f"sampled at T={settings.temperature:g}, n={settings.n} per prompt: "
+                                       "accuracy = pass@1 (%, mean over samples)")
     head = "| checkpoint | " + " | ".join(tasks) + " |"
-    lines = [head, "|" + "---|" * (len(tasks) + 1)]
+    lines = ([how, ""] if how else []) + [head, "|" + "---|" * (len(tasks) + 1)]
     for label, row in table.items():
         cells = []
         for t in tasks:
