@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from align.errors import AlignError
 
@@ -35,16 +35,35 @@ def cmd_config(args) -> int:
 
 def _stage(run, cfg) -> int:
     """Run a training stage; if it fails before its final model, the run it was replacing comes back."""
+    from transformers.utils import logging as hf_logging
+
     from align import rundir
 
+    import datasets
+
+    # One progress line per phase: no "Loading weights" / "Writing model shards" / dataset-map bars.
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
     try:
         summary = run(cfg)
     except BaseException:
         if int(os.environ.get("RANK", "0")) == 0:
             rundir.restore_previous(cfg.output.dir)
         raise
-    print(json.dumps(summary, indent=2))
+    print(_brief(summary))
     return 0
+
+
+def _brief(summary: dict) -> str:
+    """The few numbers that matter; everything is in ``<output.dir>/summary.json``."""
+    before, after = summary.get("held_out_before") or {}, summary.get("held_out_after") or {}
+    lines = [f"{summary.get('stage')}: {summary.get('steps')} steps in {summary.get('wall_s')} s -> {summary.get('final')}"]
+    for k in ("greedy_accuracy", "sampled_accuracy", "sampled_pass@4"):
+        if isinstance(after.get(k), float):
+            was = f"{100 * before[k]:.1f} -> " if isinstance(before.get(k), float) else ""
+            lines.append(f"  held-out {k}: {was}{100 * after[k]:.1f}%")
+    lines.append(f"  full summary: {Path(str(summary.get('final'))).parent / 'summary.json'}")
+    return "\n".join(lines)
 
 
 def cmd_sft(args) -> int:

@@ -5,10 +5,13 @@ on Code"). Depends on ``rollout`` and ``rewards`` only, so SFT and GRPO use it w
 from __future__ import annotations
 
 import math
+import logging
 from dataclasses import dataclass
 
 from rewards import Combined
 from rollout.base import SamplingSettings, render_prompts
+
+log = logging.getLogger(__name__)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -93,6 +96,8 @@ def held_out_summary(engine, tokenizer, rows: list[dict], weights: dict[str, flo
     if not rows:
         return {}
     rows = rows[: eval_cfg.num_samples or len(rows)]
+    sampled = f" + {eval_cfg.n} samples at T={eval_cfg.temperature:g}" if eval_cfg.temperature > 0 else ""
+    log.info("held-out eval: %d prompts, greedy%s each (eval.num_samples caps the prompts)", len(rows), sampled)
     out = {}
     for name, temp, n in (("greedy", 0.0, 1), ("sampled", eval_cfg.temperature, eval_cfg.n)):
         if name == "sampled" and temp <= 0:

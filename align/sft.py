@@ -12,7 +12,7 @@ from accelerate import PartialState
 from datasets import Dataset
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
-from trl.trainer.callbacks import RichProgressCallback
+from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
 from align import data as data_mod
 from align import rundir, stage
@@ -84,6 +84,34 @@ class AlignSFTTrainer(SFTTrainer):
                 rundir.commit_dir(done, Path(real) / done.name)
             rundir.rotate(Path(real), self.args.save_total_limit or 0)
         self.accelerator.wait_for_everyone()
+
+
+class _Progress(TrainerCallback):
+    """One progress line for SFT, as GRPO has: a bar with the step, the loss, the learning rate and the expert-load
+    CV (the Trainer's own printer dumps every metric dict; they are all in metrics.jsonl and TensorBoard)."""
+
+    def __init__(self, enabled: bool):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("[bold]sft[/]"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                            disable=not enabled)
+        self.task = None
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.bar.start()
+        self.task = self.bar.add_task("sft", total=state.max_steps, completed=state.global_step, info="")
+
+    def on_step_end(self, args, state, control, **kw):
+        self.bar.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs:
+            cv = f" moe cv {logs['moe/cv_mean']:.2f}" if "moe/cv_mean" in logs else ""
+            self.bar.update(self.task, info=f"loss {logs['loss']:.3f} lr {logs.get('learning_rate', 0):.1e}{cv}")
+
+    def on_train_end(self, args, state, control, **kw):
+        self.bar.stop()
 
 
 def _trainable_rows(rows: list[dict], tokenizer, cfg: AlignConfig) -> list[dict]:
@@ -216,10 +244,12 @@ def run_sft(cfg: AlignConfig) -> dict:
         args=sft_args(cfg, ckpt_dir, state.num_processes),
         train_dataset=_dataset(train_rows, cfg.data.messages_field),
         processing_class=policy.tokenizer,
-        callbacks=[RichProgressCallback()],
+        callbacks=[_Progress(main)],
         monitor=monitor,
         metrics=metrics,
     )
+    for noisy in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(noisy)
     train_out = trainer.train(resume_from_checkpoint=resume_from)
     if monitor is not None:
         monitor.active = False

