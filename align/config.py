@@ -122,6 +122,7 @@ class TrainConfig:
     save_total_limit: int = _f(2, "Keep at most this many periodic checkpoints.")
     resume: bool = _f(False, "Continue from the newest checkpoint in output.dir.")
     num_threads: int = _f(0, "torch CPU threads; 0 keeps torch's default.")
+    report_to: list = _f([], "Trackers besides metrics.jsonl and TensorBoard: wandb, mlflow, trackio (each needs its package; project from WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME / TRACKIO_PROJECT, default 'align').")
 
 
 @dataclass
@@ -319,6 +320,18 @@ def validate(cfg: AlignConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    _check_trackers(cfg.train.report_to)
+
+
+def _check_trackers(names: list) -> None:
+    import importlib.util
+
+    known = ("wandb", "mlflow", "trackio", "tensorboard")
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"train.report_to: unknown tracker {name!r} (known: {', '.join(known)})")
+        if name != "tensorboard" and importlib.util.find_spec(name) is None:
+            raise ConfigError(f"train.report_to: {name} is not installed (pip install {name})")
 
 
 def to_dict(cfg: Any) -> dict:

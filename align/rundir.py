@@ -77,8 +77,9 @@ def drop_previous(run_dir: Path) -> None:
 class MetricsLogger:
     """Append-only JSONL metrics plus TensorBoard scalars."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, trackers: list | None = None):
         self.path = run_dir / "metrics.jsonl"
+        self.trackers = trackers or []
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -95,10 +96,14 @@ class MetricsLogger:
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(k, v, step)
             self.tb.flush()
+        for tracker in self.trackers:
+            tracker.log(step, metrics)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def _jsonable(v):

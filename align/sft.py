@@ -16,9 +16,10 @@ from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
 from align import data as data_mod
 from align import rundir, stage
-from align.config import AlignConfig
+from align.config import AlignConfig, to_dict
 from align.dist import Dist
 from align.errors import AlignError
+from align.trackers import open_trackers
 from align.modeling import load_full_checkpoint, load_tokenizer, resolve_base
 from align.moe import ExpertMonitor
 from align.policy import Policy, load_policy
@@ -238,7 +239,8 @@ def run_sft(cfg: AlignConfig) -> dict:
             rundir.truncate_metrics(run_dir, int(found[-1].name.split("-")[1]))
     before = held_out_accuracy(policy, held, cfg) if not resume_from and main else {}
     state.wait_for_everyone()
-    metrics = rundir.MetricsLogger(run_dir, tensorboard=cfg.output.tensorboard) if main else None
+    trackers = open_trackers(cfg.train.report_to, run_dir, to_dict(cfg)) if main else []
+    metrics = rundir.MetricsLogger(run_dir, cfg.output.tensorboard, trackers) if main else None
     trainer = AlignSFTTrainer(
         model=policy.model,
         args=sft_args(cfg, ckpt_dir, state.num_processes),

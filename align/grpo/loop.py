@@ -18,12 +18,13 @@ from transformers import set_seed
 
 from align import data as data_mod
 from align import rundir, stage
-from align.config import AlignConfig
+from align.config import AlignConfig, to_dict
 from align.dist import Dist
 from align.errors import AlignError
 from align.grpo import state as ckpt
 from align.grpo.phases import sample_groups, to_batch
 from align.grpo.run import GRPORun, setup, timed
+from align.trackers import open_trackers
 from align.grpo.update import check_accumulation, fill_old_and_ref, policy_update
 from align.heldout import held_out_summary
 from rewards import Combined, configure
@@ -190,7 +191,8 @@ def run_grpo(cfg: AlignConfig) -> dict:
     dist = run.dist
     start, extra = _resume(run, run_dir)
     before = extra.get("held_out_before") or held_out(run, held)
-    metrics_log = rundir.MetricsLogger(run_dir, cfg.output.tensorboard) if dist.is_main else None
+    metrics_log = rundir.MetricsLogger(run_dir, cfg.output.tensorboard,
+                                       open_trackers(cfg.train.report_to, run_dir, to_dict(cfg))) if dist.is_main else None
     bad, step = 0, start
     with _progress(dist.is_main) as progress:
         task = progress.add_task("grpo", total=cfg.grpo.steps, completed=start, info="")

@@ -120,3 +120,22 @@ def test_a_config_error_answers_before_torch_is_imported():
     code = "import sys; from align.cli import main; main(['sft', 'train.nope=1']) ; print('torch' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.stdout.strip() == "False" and "train.nope: unknown key" in res.stderr
+
+
+def test_trackers_are_checked_up_front_and_get_every_row(capsys, tmp_path, monkeypatch):
+    import importlib.machinery
+    import sys
+    import types
+
+    assert "unknown tracker 'neptune'" in _err(capsys, ["sft", "train.report_to=[neptune]", f"output.dir={tmp_path / 'a'}"])
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # not installed, whatever this machine has
+    assert "mlflow is not installed" in _err(capsys, ["sft", "train.report_to=[mlflow]", f"output.dir={tmp_path / 'b'}"])
+    logged, finished = [], []
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kw: types.SimpleNamespace(log=lambda m, step: logged.append((step, m)),
+                                                   finish=lambda: finished.append(kw["config"]["train"]["max_steps"]))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    assert main(["sft", "recipes/tiny_sft.yaml", "train.report_to=[wandb]", "train.max_steps=4", "train.logging_steps=2",
+                 "eval.num_samples=2", f"output.dir={tmp_path / 'c'}"]) == 0
+    assert [s for s, m in logged if "loss" in m] == [2, 4] and finished == [4]
