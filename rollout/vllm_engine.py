@@ -151,7 +151,7 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
-
+        _quiet_vllm()  # vLLM set up its handlers on import; again after start-up, which may replace them
         cuda = torch.cuda.is_available()
         threads = torch.get_num_threads()
         self.max_len = max_model_len
