@@ -87,16 +87,21 @@ def test_trimmed_and_micro_batches_keep_every_row_and_drop_only_padding():
     assert batch.trimmed().completion_width == 3 and batch.rows(slice(2, 4)).trimmed().completion_width == 2
 
 
-def _update_with(micro: int):
-    from align.grpo.update import fill_old_and_ref
-
+def _perturbed_with_sgd():
+    """The tiny policy with non-zero adapters (so LoRA has gradients everywhere) and plain SGD: the parameter
+    change is the (clipped) gradient itself; Adam's first step would amplify noise."""
     policy, batch, _, _ = _setup()
     with torch.no_grad():
         for n, p in policy.model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
-    # SGD: the parameter change is the (clipped) gradient itself; Adam's first step would amplify noise.
-    opt = torch.optim.SGD([p for p in policy.model.parameters() if p.requires_grad], lr=1.0)
+    return policy, batch, torch.optim.SGD([p for p in policy.model.parameters() if p.requires_grad], lr=1.0)
+
+
+def _update_with(micro: int):
+    from align.grpo.update import fill_old_and_ref
+
+    policy, batch, opt = _perturbed_with_sgd()
     sched = get_scheduler("constant", opt)
     cfg = GRPOConfig(minibatch_size=4, micro_batch_size=micro, beta=0.1)
     fwd = CompletionLogprobs(policy.model)
@@ -171,12 +176,7 @@ def _token_budget_update(loss: str, budget: int, replay_on: bool):
     from align.grpo.update import fill_old_and_ref
     from align.moe import RouterReplay
 
-    policy, batch, _, _ = _setup()
-    with torch.no_grad():
-        for n, p in policy.model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
-    opt = torch.optim.SGD([p for p in policy.model.parameters() if p.requires_grad], lr=1.0)
+    policy, batch, opt = _perturbed_with_sgd()
     cfg = GRPOConfig(minibatch_size=4, max_tokens_per_micro_batch=budget, logprob_tokens_per_micro_batch=4 * budget,
                      beta=0.1, loss=loss, mu=2, tis_cap=2.0)
     fwd = CompletionLogprobs(policy.model)
