@@ -117,9 +117,10 @@ def _masks(python: str) -> list[str]:
     keep = os.path.realpath(python)
     dirs = [pwd.getpwuid(os.getuid()).pw_dir, "/home", "/root", os.getcwd(), os.environ.get("HF_HOME", ""),
             os.path.expanduser("~/.cache")]
+    scratch = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")  # fresh tmpfs in every run already
     out = []
     for d in dict.fromkeys(os.path.realpath(d) for d in dirs if d):
-        if d != "/" and not (keep + "/").startswith(d + "/"):
+        if d != "/" and not (keep + "/").startswith(d + "/") and not any((d + "/").startswith(s + "/") for s in scratch):
             out.append(d)
     return out
 
