@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -47,26 +46,25 @@ def measure_shape(shape: str) -> dict:
     results = {}
     for shape, tiny in [(shape, SHAPES[shape])]:
         policy = load_policy(ModelConfig(tiny=tiny), LoraConfig(r=16))
-        with tempfile.TemporaryDirectory() as d:
-            policy.save_merged(d)
-            engine = make_engine("vllm", policy, RolloutConfig(), Path(d), "float32", 256)
-            prompts = render_prompts(policy.tokenizer, [[{"role": "user", "content": f"What is {i}+{i % 7}?"}] for i in range(64)])
-            settings = SamplingSettings(n=8, temperature=1.0, max_new_tokens=32, seed=0)
-            entry = {"params": policy.num_parameters()[1]}
-            if shape == "tiny":
-                entry["vllm_tok_s"] = tokens_per_s(engine, prompts, settings)
-                entry["hf_tok_s"] = tokens_per_s(HFEngine(policy.model, policy.tokenizer), prompts, settings, repeats=1)
-                entry["vllm_over_hf"] = entry["vllm_tok_s"] / entry["hf_tok_s"]
-            with torch.no_grad():
-                for n, p in policy.model.named_parameters():
-                    if "lora_B" in n:
-                        p.normal_(0, 0.01)
-            t = time.perf_counter()
-            sd = policy.merged_state_dict(only_adapted=True)
-            entry["merge_s"] = time.perf_counter() - t
-            entry["sync_s"] = engine.update_weights(sd)
-            entry["synced_params"] = engine.last_sync["params"]
-            results[shape] = entry
+        # The engine starts on dummy weights and takes every merged weight in one sync.
+        engine = make_engine("vllm", policy, RolloutConfig(), "float32", 256)
+        prompts = render_prompts(policy.tokenizer, [[{"role": "user", "content": f"What is {i}+{i % 7}?"}] for i in range(64)])
+        settings = SamplingSettings(n=8, temperature=1.0, max_new_tokens=32, seed=0)
+        entry = {"params": policy.num_parameters()[1]}
+        if shape == "tiny":
+            entry["vllm_tok_s"] = tokens_per_s(engine, prompts, settings)
+            entry["hf_tok_s"] = tokens_per_s(HFEngine(policy.model, policy.tokenizer), prompts, settings, repeats=1)
+            entry["vllm_over_hf"] = entry["vllm_tok_s"] / entry["hf_tok_s"]
+        with torch.no_grad():
+            for n, p in policy.model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.01)
+        t = time.perf_counter()
+        sd = policy.merged_state_dict(only_adapted=True)
+        entry["merge_s"] = time.perf_counter() - t
+        entry["sync_s"] = engine.update_weights(sd)
+        entry["synced_params"] = engine.last_sync["params"]
+        results[shape] = entry
     return results[shape]
 
 
