@@ -103,3 +103,20 @@ def test_grpo_scores_a_stdin_stdout_code_task(tmp_path):
     metrics = read_metrics(out)
     assert [r["step"] for r in metrics] == [1, 2]
     assert all("reward/code" in r and r["reward/unscorable"] == 0 for r in metrics), metrics
+
+
+def test_ctrl_c_ends_the_run_with_one_line(sft_checkpoint, tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group (trainer and reward workers): exit 130, one line, no
+    tracebacks from the workers."""
+    import os
+
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(_cmd(sft_checkpoint, out, "grpo.steps=50", "rollout.engine=hf"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().endswith("align: interrupted"), err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
