@@ -132,3 +132,13 @@ def test_adapter_chain_survives_moving_the_runs_folder(tmp_path):
     res = run_cli("merge", moved / "sft" / "final", tmp_path / "merged")
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "merged" / "config.json").exists()
+
+
+def test_console_shows_a_progress_line_and_a_short_summary(tmp_path):
+    res = run_cli("sft", ROOT / "recipes" / "tiny_sft.yaml", f"output.dir={tmp_path / 'run'}", "train.max_steps=4",
+                  "train.logging_steps=2", "eval.num_samples=2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.splitlines()
+    assert "4/4 loss" in lines[0], "one progress line with the loss"
+    assert lines[1].startswith("sft: 4 steps in") and "full summary:" in res.stdout and "{" not in res.stdout
+    assert "{'loss'" not in res.stderr and "Writing model shards" not in res.stderr and "held-out eval:" in res.stderr

@@ -64,6 +64,10 @@ def test_table_has_one_row_per_checkpoint():
     text = format_table({"sft": {"synthetic": {"accuracy": 0.5, "accuracy_stderr": 0.1}},
                          "rl": {"synthetic": {"accuracy": 0.75, "accuracy_stderr": 0.1}}}, [1])
     assert "| sft | 50.0 ± 10.0 |" in text and "| rl | 75.0 ± 10.0 |" in text
+    sampled = format_table({"sft": {"synthetic": {"accuracy": 0.5, "accuracy_stderr": 0.1}}}, [1],
+                           SamplingSettings(n=4, temperature=1.0))
+    assert sampled.startswith("sampled at T=1, n=4 per prompt")
+    assert format_table({}, [1], SamplingSettings(temperature=0.0)).startswith("greedy decoding")
 
 
 def test_prompts_longer_than_the_context_are_skipped_and_counted():
