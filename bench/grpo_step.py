@@ -36,7 +36,7 @@ from align.modeling import tiny_config  # noqa: E402
 from align.policy import Policy, prepare_for_training  # noqa: E402
 from bench.common import word_tokenizer, write  # noqa: E402
 from bench.sft_throughput import V2_LITE  # noqa: E402
-from rewards import get_reward  # noqa: E402
+from rewards import Combined, get_reward  # noqa: E402
 
 
 def prompt_rows(n: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -78,7 +78,7 @@ def run_align(a) -> dict:
     policy = Policy(prepare_for_training(model, cfg.model, cfg.lora), tok, "bench")
     t = time.perf_counter()
     run = setup(cfg, Dist(), prompt_rows(max(256, a.prompts * a.steps), len(tok)),
-                policy=policy)
+                Combined(dict(cfg.rewards.functions)), policy=policy)
     startup = {"setup_s": time.perf_counter() - t, **run.startup}
     steps = []
     for step in range(1, a.steps + 1):

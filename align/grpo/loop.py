@@ -146,7 +146,7 @@ def _start(cfg: AlignConfig) -> tuple[GRPORun, Path, list[dict]]:
     held = data_mod.prompt_rows(cfg.data, "eval") if cfg.data.eval else []
     # Start the scoring workers (fork) before the engine starts its threads.
     rewards.score([""], **{k: [rows[0].get(k)] for k in ("answer",) if rows[0].get(k) is not None})
-    return setup(cfg, dist, rows), run_dir, held
+    return setup(cfg, dist, rows, rewards), run_dir, held
 
 
 def _rewards(cfg: AlignConfig, dist: Dist) -> Combined:

@@ -123,7 +123,7 @@ def _optimizer(cfg: AlignConfig, policy: Policy):
     return optimizer, scheduler
 
 
-def setup(cfg: AlignConfig, dist: Dist, rows: list[dict], policy: Policy | None = None) -> GRPORun:
+def setup(cfg: AlignConfig, dist: Dist, rows: list[dict], rewards: Combined, policy: Policy | None = None) -> GRPORun:
     """Everything a GRPO step needs, on this rank; ``policy``: an already built one (benchmarks)."""
     t0 = time.perf_counter()
     policy = policy or load_policy(cfg.model, cfg.lora)
@@ -138,12 +138,13 @@ def setup(cfg: AlignConfig, dist: Dist, rows: list[dict], policy: Policy | None 
     t = time.perf_counter()
     engine = make_engine(cfg.rollout.engine, policy, cfg.rollout, cfg.model.dtype, max_len, dist,
                          full_weights=lambda: dist.full_weights(fwd))
+    # model_s: build + move; engine_total_s: make_engine (for vLLM: its own start engine_s + first_sync_s)
+    startup = {"model_s": t_model, "engine_total_s": time.perf_counter() - t, **getattr(engine, "startup", {})}
     rows = within_length(rows, policy.tokenizer, cfg.data.max_length)
-    startup = {"model_s": t_model, "engine_s": time.perf_counter() - t, **getattr(engine, "startup", {})}
     monitor = make_monitor(policy.model, cfg.monitor)
     g = cfg.grpo
     return GRPORun(cfg=cfg, dist=dist, policy=policy, fwd=fwd, engine=engine, optimizer=optimizer,
-                   scheduler=scheduler, rewards=Combined(dict(cfg.rewards.functions)),
+                   scheduler=scheduler, rewards=rewards,
                    advantage=get_advantage(g.advantage), rows=rows, stream=PromptStream(len(rows), cfg.train.seed),
                    monitor=monitor, replay=RouterReplay(policy.model) if g.router_replay else None,
                    need_old=g.mu > 1 or g.router_replay or g.prompts_per_step * cfg.rollout.num_generations > g.minibatch_size,

@@ -80,14 +80,15 @@ def fill_old_and_ref(policy, fwd, batch: UpdateBatch, cfg: GRPOConfig, temperatu
     try:
         for k, idx in enumerate(local_chunks(batch.size, cfg.minibatch_size, dist)):
             mb = batch.rows(idx).to(device)
+            large = plan(mb, cfg.micro_batch_size, big, dist) if cfg.beta > 0 or replay is None else None
             if need_old:
-                same = replay is not None
-                for j, (rows, part) in enumerate(plan(mb, cfg.micro_batch_size,
-                                                      cfg.max_tokens_per_micro_batch if same else big, dist)):
-                    with replay("record", key=(k, j)) if same else _nullctx():
+                # Router replay keys its recorded routing by the update's own micro-batches.
+                parts = large if replay is None else plan(mb, cfg.micro_batch_size, cfg.max_tokens_per_micro_batch, dist)
+                for j, (rows, part) in enumerate(parts):
+                    with replay("record", key=(k, j)) if replay is not None else _nullctx():
                         olds[idx[rows.cpu()]] = _widen(_logp(fwd, part, temperature)[0].float().cpu(), width)
             if cfg.beta > 0:
-                for rows, part in plan(mb, cfg.micro_batch_size, big, dist):
+                for rows, part in large:
                     with policy.reference():
                         refs[idx[rows.cpu()]] = _widen(_logp(fwd, part, temperature)[0].float().cpu(), width)
         batch.old_logp = olds if need_old else None
