@@ -174,6 +174,7 @@ class GRPOConfig:
     micro_batch_size: int = _f(0, "Sequences per forward/backward on each process inside a minibatch (gradients accumulate; rows grouped by length, padding trimmed); 0 runs the whole local minibatch at once.")
     max_tokens_per_micro_batch: int = _f(0, "Token budget of each forward/backward inside a minibatch (rows x padded width; rows grouped by length, long rows alone), instead of grpo.micro_batch_size rows; 0 uses micro_batch_size.")
     logprob_tokens_per_micro_batch: int = _f(0, "Token budget of the no-grad old/reference log-prob passes (larger than the update's: no backward); 0 = max_tokens_per_micro_batch. Under router replay the old pass keeps the update's parts.")
+    pack_tokens: int = _f(0, "Padding-free packing: each forward takes the real tokens of its micro-batch end to end in rows of about this many (positions restart per sequence, attention never crosses sequences); token budgets then count real tokens. 0: padded rows.")
     dynamic_sampling: bool = _f(False, "Drop groups whose rewards are all equal.")
     mask_truncated: bool = _f(True, "Exclude completions cut at max_new_tokens from the loss.")
     tis_cap: float = _f(0.0, "Truncated importance-sampling cap for train/infer mismatch; 0 disables.")
@@ -301,6 +302,7 @@ def validate(cfg: AlignConfig) -> None:
         (cfg.grpo.micro_batch_size >= 0, "grpo.micro_batch_size: must be >= 0 (0: no accumulation)"),
         (cfg.grpo.max_tokens_per_micro_batch >= 0, "grpo.max_tokens_per_micro_batch: must be >= 0 (0: by rows)"),
         (cfg.grpo.logprob_tokens_per_micro_batch >= 0, "grpo.logprob_tokens_per_micro_batch: must be >= 0"),
+        (cfg.grpo.pack_tokens >= 0, "grpo.pack_tokens: must be >= 0 (0: padded rows)"),
         (cfg.model.recompute_layers >= -1, "model.recompute_layers: -1 (every layer) or a layer count >= 0"),
         (cfg.train.batch_size > 0, "train.batch_size: must be > 0"),
         (cfg.train.grad_accum >= 1, "train.grad_accum: must be >= 1"),

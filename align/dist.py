@@ -17,7 +17,7 @@ from align.errors import AlignError
 
 # Metrics that add up over ranks (counts and the rank-partial loss); the rest are means, except
 # maxima (``*_max``) and wall times (``time/*``), where the slowest rank is what the step waited for.
-SUM_KEYS = {"reward/unscorable", "completion/tokens", "actor/pg_loss"}
+SUM_KEYS = {"reward/unscorable", "completion/tokens", "actor/pg_loss", "batch/tokens", "batch/padded_tokens"}
 
 
 def combine_metrics(parts: list[dict], weights: list[float] | None = None) -> dict:

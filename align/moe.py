@@ -8,6 +8,8 @@ with their graph intact.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass, field
 
@@ -18,6 +20,26 @@ def _eager(hook):
     """Router hooks keep Python state (counts, replay keys): inside a compiled layer (``model.compile_layers``)
     they run eagerly instead of being traced, so their changing state never triggers recompilation."""
     return torch.compiler.disable(hook)
+
+
+_TOKENS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("align_routed_tokens", default=None)
+
+
+@contextlib.contextmanager
+def routed_tokens(mask: torch.Tensor):
+    """Forwards inside count only the tokens where ``mask`` (flat, one per token) is true: how packed rows,
+    which carry no attention mask, tell the monitor and the balance losses which tokens are filler."""
+    token = _TOKENS.set(mask)
+    try:
+        yield
+    finally:
+        _TOKENS.reset(token)
+
+
+def _real_tokens(kwargs: dict) -> torch.Tensor | None:
+    """Flat mask of the real tokens of a decoder forward: its 2D attention mask, or the packed rows' own."""
+    mask = kwargs.get("attention_mask")
+    return mask.reshape(-1).bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else _TOKENS.get()
 
 
 def find_routers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
@@ -82,8 +104,9 @@ def balance_stats(counts: torch.Tensor, dead_threshold: float = 0.0) -> dict[str
 class ExpertMonitor:
     """Counts routed tokens per layer and expert during training-mode forward passes.
 
-    Padding is excluded: a pre-hook on the decoder reads ``attention_mask``. Each decoder forward is
-    one pass; a router firing again in the same pass (gradient-checkpoint recomputation) is not counted.
+    Padding is excluded: a pre-hook on the decoder reads ``attention_mask`` (packed rows: :func:`routed_tokens`).
+    Each decoder forward is one pass; a router firing again in the same pass (gradient-checkpoint
+    recomputation) is not counted.
     """
 
     model: torch.nn.Module
@@ -117,8 +140,7 @@ class ExpertMonitor:
 
     def _on_model(self, module, args, kwargs):
         self._pass += 1
-        mask = kwargs.get("attention_mask")
-        self._mask = mask.reshape(-1).bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self._mask = _real_tokens(kwargs)
 
     def _hook(self, layer: int):
         def hook(module, inputs, output):
@@ -217,7 +239,13 @@ class RouterReplay:
         self.flips = 0
         self.total = 0
         self._counted: set = set()
+        self._mask: torch.Tensor | None = None
         self._handles = [r.register_forward_hook(_eager(self._hook(layer))) for layer, r in self.routers]
+        if self.routers:
+            self._handles.append(_decoder(model).register_forward_pre_hook(self._on_model, with_kwargs=True))
+
+    def _on_model(self, module, args, kwargs):
+        self._mask = _real_tokens(kwargs)
 
     def _hook(self, layer: int):
         def hook(module, inputs, output):
@@ -231,8 +259,11 @@ class RouterReplay:
                     return None
                 if slot not in self._counted:  # not again in a gradient-checkpoint recomputation
                     self._counted.add(slot)
-                    self.flips += int((idx.sort(-1).values != rec.sort(-1).values).any(-1).sum())
-                    self.total += idx.shape[0]
+                    flipped = (idx.sort(-1).values != rec.sort(-1).values).any(-1)
+                    if self._mask is not None and self._mask.numel() == flipped.numel():
+                        flipped = flipped[self._mask]  # real tokens only, not padding or packed rows' filler
+                    self.flips += int(flipped.sum())
+                    self.total += flipped.numel()
                 probs = logits.float().softmax(-1)
                 new_w = probs.gather(-1, rec) * module.routed_scaling_factor
                 return logits, new_w.to(weights.dtype), rec

@@ -21,6 +21,7 @@ from align.config import LoraConfig, ModelConfig
 from align.kernels.dense_lora import use_addmm_lora
 from align.kernels.expert_lora import use_grouped_expert_lora
 from align.kernels import can_compile_for_gpu, compile_decoder_layers, use_fused_kernels
+from align.kernels.cache import use_kernel_cache
 from align.lora import native_v5_targets, peft_config
 from align.modeling import TINY, load_base_model, load_tokenizer, resolve_base
 
@@ -133,6 +134,8 @@ def _freeze_router(model: torch.nn.Module, train: bool) -> None:
 def prepare_for_training(model: PreTrainedModel, model_cfg: ModelConfig, lora_cfg: LoraConfig) -> torch.nn.Module:
     """Recomputation, compiled kernels, a fresh LoRA with align's faster forwards, the router frozen or not:
     everything between a loaded base model and the policy that SFT and GRPO train."""
+    if torch.cuda.is_available():
+        use_kernel_cache()  # before anything compiles: Triton and inductor read the directories once
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

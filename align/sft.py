@@ -36,6 +36,7 @@ class AlignSFTTrainer(SFTTrainer):
         self.monitor = monitor
         self.metrics = metrics
         self.dist = Dist(self.accelerator)
+        self._throughput = Throughput()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
@@ -48,6 +49,8 @@ class AlignSFTTrainer(SFTTrainer):
         return out + aux
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs.update(self._throughput.update(self._metrics["train"].get("num_tokens", [0])[-1]))
         if self.monitor is not None and "loss" in logs:
             if self.dist.world > 1:
                 self.monitor.merge_ranks(self.dist.sum_tensor)
@@ -87,6 +90,24 @@ class AlignSFTTrainer(SFTTrainer):
         self.accelerator.wait_for_everyone()
 
 
+class Throughput:
+    """Tokens/s over each logging window from TRL's running ``num_tokens`` (all processes' real tokens), and the
+    peak GPU memory so far: what a user compares between runs and with other trainers."""
+
+    def __init__(self):
+        self.tokens, self.t = None, None
+
+    def update(self, tokens: float) -> dict:
+        now = time.perf_counter()
+        out = {}
+        if self.t is not None and now > self.t and tokens > self.tokens:
+            out["throughput/tokens_per_s"] = (tokens - self.tokens) / (now - self.t)
+        if torch.cuda.is_available():
+            out["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        self.tokens, self.t = tokens, now
+        return out
+
+
 class _Progress(TrainerCallback):
     """One progress line for SFT, as GRPO has: a bar with the step, the loss, the learning rate and the expert-load
     CV (the Trainer's own printer dumps every metric dict; they are all in metrics.jsonl and TensorBoard)."""
@@ -109,7 +130,8 @@ class _Progress(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kw):
         if logs and "loss" in logs:
             cv = f" moe cv {logs['moe/cv_mean']:.2f}" if "moe/cv_mean" in logs else ""
-            self.bar.update(self.task, info=f"loss {logs['loss']:.3f} lr {logs.get('learning_rate', 0):.1e}{cv}")
+            tps = f" {logs['throughput/tokens_per_s']:,.0f} tok/s" if "throughput/tokens_per_s" in logs else ""
+            self.bar.update(self.task, info=f"loss {logs['loss']:.3f} lr {logs.get('learning_rate', 0):.1e}{cv}{tps}")
 
     def on_train_end(self, args, state, control, **kw):
         self.bar.stop()

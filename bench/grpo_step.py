@@ -71,6 +71,37 @@ def overrides(a) -> list[str]:
             f"model.gradient_checkpointing={a.device == 'cuda'}", *a.set]
 
 
+class DevicePeak:
+    """Peak memory in use on the whole GPU (trainer and colocated vLLM, whatever allocator), sampled every 50 ms by
+    a thread: ``torch.cuda.max_memory_allocated`` sees neither vLLM's sleep-mode pool nor CUDA graphs' memory."""
+
+    def __init__(self, device: str):
+        import threading
+
+        self.peak_gib, self.on = 0.0, device == "cuda"
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        if self.on:
+            self.thread.start()
+
+    def _poll(self):
+        while not self.stop.wait(0.05):
+            free, total = torch.cuda.mem_get_info()
+            self.peak_gib = max(self.peak_gib, (total - free) / 2**30)
+
+    def close(self) -> float:
+        self.stop.set()
+        if self.on:
+            self.thread.join()
+        return self.peak_gib
+
+
+def phase_shares(m: dict) -> dict:
+    """Each phase's fraction of the step's wall time."""
+    names = ("rollout", "score", "logprobs", "update", "sync", "sleep", "wake")
+    return {n: m[f"time/{n}"] / m["time/step"] for n in names if f"time/{n}" in m and m.get("time/step")}
+
+
 def run_align(a) -> dict:
     cfg = load_config(Path(__file__).resolve().parents[1] / "recipes" / "math_rl.yaml", overrides(a))
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
@@ -80,16 +111,42 @@ def run_align(a) -> dict:
     run = setup(cfg, Dist(), prompt_rows(max(256, a.prompts * a.steps), len(tok)),
                 Combined(dict(cfg.rewards.functions)), policy=policy)
     startup = {"setup_s": time.perf_counter() - t, **run.startup}
+    print(json.dumps({"startup": startup}), flush=True)
+    probe = rollout_probe(run, a) if a.rollout_probe else None
     steps = []
     for step in range(1, a.steps + 1):
+        device_peak = DevicePeak(a.device)
         m = train_step(run, step)
-        steps.append({k: v for k, v in m.items() if k.startswith(("time/", "completion/", "throughput/", "mismatch/"))
-                      or k in ("sync/params", "actor/grad_norm")})
+        steps.append({k: v for k, v in m.items() if k.startswith(("time/", "completion/", "throughput/", "mismatch/",
+                                                                  "batch/")) or k in ("sync/params", "actor/grad_norm")})
+        steps[-1]["share"] = phase_shares(m)
+        steps[-1]["device_peak_gib"] = device_peak.close()
         print(json.dumps({"align_step": step, **steps[-1]}), flush=True)
     peak = torch.cuda.max_memory_allocated() / 2**30 if a.device == "cuda" else 0.0
     used = (torch.cuda.mem_get_info()[1] - torch.cuda.mem_get_info()[0]) / 2**30 if a.device == "cuda" else 0.0
     del run
-    return {"startup": startup, "steps": steps, "trainer_peak_gib": peak, "device_used_gib_end": used}
+    return {"startup": startup, "rollout_probe": probe, "steps": steps, "trainer_peak_gib": peak,
+            "device_used_gib_end": used}
+
+
+def rollout_probe(run, a) -> dict:
+    """The engine alone at the full GRPO shape before the steps: ``--rollout-probe`` prompts x ``--group`` samples
+    x ``--new-tokens``, T=1, per-prompt seeds (what ``align grpo`` sends), after one small warm-up call."""
+    from rollout import SamplingSettings, render_prompts
+
+    prompts = render_prompts(run.policy.tokenizer, [r["prompt"] for r in prompt_rows(a.rollout_probe,
+                                                                                      len(run.policy.tokenizer), 1)])
+    settings = SamplingSettings(n=a.group, temperature=1.0, max_new_tokens=a.new_tokens, seed=7,
+                                seeds=list(range(len(prompts))))
+    run.engine.generate(prompts[:4], settings)
+    torch.cuda.synchronize() if a.device == "cuda" else None
+    t = time.perf_counter()
+    out = run.engine.generate(prompts, settings)
+    secs = time.perf_counter() - t
+    toks = sum(len(c.token_ids) for ro in out for c in ro.completions)
+    res = {"requests": len(prompts) * a.group, "tokens": toks, "seconds": secs, "tok_s": toks / secs}
+    print(json.dumps({"rollout_probe": res}), flush=True)
+    return res
 
 
 class _Clock:
@@ -157,6 +214,8 @@ def main() -> None:
     ap.add_argument("--trl", action="store_true", help="also run TRL's GRPOTrainer on the same work")
     ap.add_argument("--trl-rounds", type=int, default=None, help="TRL generation rounds (default: --steps)")
     ap.add_argument("--no-align", action="store_true")
+    ap.add_argument("--rollout-probe", type=int, default=0,
+                    help="first time the engine alone on this many prompts x --group (e.g. 64: the GRPO shape)")
     ap.add_argument("--set", nargs="*", default=[], help="extra key.sub=value overrides for align")
     ap.add_argument("--name", default=None)
     a = ap.parse_args()
@@ -166,6 +225,7 @@ def main() -> None:
     if not a.no_align:
         out["align"] = run_align(a)
         torch.cuda.empty_cache() if a.device == "cuda" else None
+        write(a.name or f"grpo_step_{a.shape}_{a.device}", out)  # kept if the baseline does not finish
     if a.trl:
         out["trl"] = run_trl(a)
     if "align" in out and "trl" in out:

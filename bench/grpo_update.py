@@ -107,7 +107,9 @@ def run_row(policy, batch: UpdateBatch, cfg: GRPOConfig, steps: int, device: str
         replay.remove()
     real = float(batch.attention_mask.sum())
     fill, update = sorted(fills)[len(fills) // 2], sorted(updates)[len(updates) // 2]
+    # old + reference: two forward passes over every real token
     out = {"update_tok_s": real / update, "step_tok_s": real / (fill + update), "old_and_ref_s": fill,
+           "logprob_tok_s": 2 * real / fill,
            "update_s": update, "pg_loss": metrics.get("actor/pg_loss"), "finite": finite}
     if device == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
@@ -128,8 +130,13 @@ def main() -> None:
     ap.add_argument("--compile-layers", action="store_true", help="a last row with torch.compile'd decoder layers")
     ap.add_argument("--rollout-shape", action="store_true",
                     help="1,024 rows shaped like math_rl.yaml's rollouts, minibatches of 256 (issue 17's shape)")
+    ap.add_argument("--rollout-rows", type=int, default=1024, help="rows of --rollout-shape (minibatches of a quarter)")
     ap.add_argument("--budgets", nargs="*", type=int, default=[],
                     help="extra rows with grpo.max_tokens_per_micro_batch=B (no-grad passes 4B), grouped by length")
+    ap.add_argument("--pack", type=int, default=0,
+                    help="with --budgets: each budget also packed (grpo.pack_tokens=PACK, budgets in real tokens)")
+    ap.add_argument("--name", default=None)
+    ap.add_argument("--skip-defaults", action="store_true", help="no rows before the budget rows except the first")
     a = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     v2 = a.shape == "v2-lite"
@@ -140,7 +147,7 @@ def main() -> None:
     policy = Policy(model=model, tokenizer=None, base_path="random")
     vocab = min(1000, model.config.vocab_size)
     if a.rollout_shape:
-        batch = rollout_like_batch(1024 if v2 else 64, vocab, 256 if v2 else 24).to(device)
+        batch = rollout_like_batch(a.rollout_rows if v2 else 64, vocab, 256 if v2 else 24).to(device)
     else:
         batch = synthetic_batch(a.rows, 256 if v2 else 16, 1792 if v2 else 48, vocab).to(device)
     res = {"shape": a.shape, "rows_per_minibatch": a.rows, "micro_batch_size": a.micro,
@@ -150,13 +157,21 @@ def main() -> None:
     plan = [("align defaults: fp32 adapters, whole minibatch, every layer recomputed", 0, True, None),
             (f"{tuned} in arrival order, no recomputation", a.micro, False, in_arrival_order),
             (f"{tuned} grouped by length, no recomputation", a.micro, False, None)]
+    if a.rollout_shape:  # issue 17's baseline: math_rl.yaml as it stands
+        plan = [(f"math_rl.yaml: fp32 adapters, micro-batches of {a.micro} rows, every layer recomputed",
+                 a.micro, True, "fp32")] + ([] if a.skip_defaults else plan[1:])
+    elif a.skip_defaults:
+        plan = plan[:1]
     for b in a.budgets:
         plan.append((f"bf16 adapters, token budget {b} (no-grad passes {4 * b}), every layer recomputed", -b, True, None))
+        if a.pack:
+            plan.append((f"bf16 adapters, token budget {b} real tokens (no-grad passes {4 * b}), packed in rows of "
+                         f"{a.pack}, every layer recomputed", -b, True, "pack"))
     if a.compile_layers:
         plan.append((f"{tuned} grouped by length, no recomputation, compiled decoder layers", a.micro, False, "compile"))
     original = UpdateBatch.micro_batches
     for name, micro, ckpt, split in plan:
-        if micro:
+        if micro and split != "fp32":
             for n, p in model.named_parameters():
                 if "lora_" in n and device == "cuda":
                     p.data = p.data.to(torch.bfloat16)
@@ -164,9 +179,12 @@ def main() -> None:
         if split == "compile":
             res["compiled_layers"] = compile_decoder_layers(model)
             split = None
-        UpdateBatch.micro_batches = split or original
         extra = ({"max_tokens_per_micro_batch": -micro, "logprob_tokens_per_micro_batch": -4 * micro}
                  if micro < 0 else {"micro_batch_size": micro})
+        if split == "pack":
+            extra["pack_tokens"] = a.pack
+            split = None
+        UpdateBatch.micro_batches = original if split == "fp32" else split or original
         row = run_row(policy, batch, GRPOConfig(**{**cfg.__dict__, **extra}), a.steps, device)
         UpdateBatch.micro_batches = original
         res["rows"][name] = row
@@ -175,7 +193,11 @@ def main() -> None:
     for row in res["rows"].values():
         if "step_tok_s" in row and "step_tok_s" in base:
             row["step_ratio_vs_defaults"] = row["step_tok_s"] / base["step_tok_s"]
-    write(f"grpo_update_{a.shape}_{device}", res)
+    for row in res["rows"].values():
+        for key in ("update_tok_s", "logprob_tok_s"):
+            if key in row and key in base:
+                row[key.replace("_tok_s", "_ratio_vs_first_row")] = row[key] / base[key]
+    write(a.name or f"grpo_update_{a.shape}_{device}", res)
 
 
 if __name__ == "__main__":

@@ -55,19 +55,29 @@ class UpdateBatch:
                "old_logp": keep, "ref_logp": keep}
         return self._map(lambda name, t: t[:, :cut[name]] if name in cut else t)
 
-    def by_tokens(self, max_tokens: int) -> list[torch.Tensor]:
-        """Row sets, longest completions first, each at most ``max_tokens`` padded tokens (rows x (P + longest
-        completion in the set)) and never empty (verl's dynamic batch size): many short rows share a forward,
-        a few long ones get their own."""
+    def by_tokens(self, max_tokens: int, real: bool = False) -> list[torch.Tensor]:
+        """Row sets, longest completions first, each at most ``max_tokens`` tokens and never empty (verl's
+        dynamic batch size): many short rows share a forward, a few long ones get their own. Tokens are padded
+        ones (rows x (P + longest completion in the set)), or with ``real`` (packed rows) the rows' own."""
         lens = self.attention_mask[:, self.prompt_width:].sum(-1)
+        own = self.attention_mask.sum(-1).tolist()
         order = lens.argsort(descending=True, stable=True).tolist()
         parts: list[list[int]] = []
+        used = 0
         for i in order:
-            width = self.prompt_width + (int(lens[parts[-1][0]]) if parts else 0)
-            if parts and (len(parts[-1]) + 1) * width <= max_tokens:
+            if real:
+                fits = parts and used + own[i] <= max_tokens
+                cost = own[i]
+            else:
+                width = self.prompt_width + (int(lens[parts[-1][0]]) if parts else 0)
+                fits = parts and (len(parts[-1]) + 1) * width <= max_tokens
+                cost = 0
+            if fits:
                 parts[-1].append(i)
+                used += cost
             else:
                 parts.append([i])
+                used = cost
         return [torch.tensor(p) for p in parts]
 
     def micro_batches(self, n: int) -> list[tuple[torch.Tensor, "UpdateBatch"]]:
@@ -78,9 +88,9 @@ class UpdateBatch:
         order = self.attention_mask[:, self.prompt_width:].sum(-1).argsort(stable=True)
         return [(idx, self.rows(idx).trimmed()) for idx in order.tensor_split(n)]
 
-    def token_micro_batches(self, max_tokens: int, n: int) -> list[tuple[torch.Tensor, "UpdateBatch"]]:
+    def token_micro_batches(self, max_tokens: int, n: int, real: bool = False) -> list[tuple[torch.Tensor, "UpdateBatch"]]:
         """:meth:`by_tokens` parts, the largest split in halves until there are ``n`` (ranks must agree on a count)."""
-        parts = self.by_tokens(max_tokens)
+        parts = self.by_tokens(max_tokens, real)
         while len(parts) < n:
             big = max(range(len(parts)), key=lambda j: len(parts[j]))
             if len(parts[big]) < 2:

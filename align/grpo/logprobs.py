@@ -7,7 +7,9 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from align.grpo.packing import pack
 from align.kernels import fused_logp_from_logits
+from align.moe import routed_tokens
 
 
 def _decoder_and_head(model: torch.nn.Module):
@@ -52,17 +54,37 @@ def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.T
 
 def completion_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         position_ids: torch.Tensor, prompt_width: int, temperature: float = 1.0,
-                        chunk_tokens: int = 4096, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        chunk_tokens: int = 4096, with_entropy: bool = False,
+                        pack_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(token_t | prefix) for completion columns, [N, C]; entropy [N, C] if asked.
 
     Logits are divided by the sampling temperature so they describe the distribution that was sampled.
+    ``pack_tokens`` > 0: the forward runs on the real tokens only, packed into rows of about that many
+    (:mod:`align.grpo.packing`); completion columns that are padding are then 0.
     """
     decoder, head = _decoder_and_head(model)
+    head = getattr(head, "modules_to_save", {}).get("default", head) if hasattr(head, "modules_to_save") else head
+    if pack_tokens > 0:
+        return _packed_logprobs(decoder, head, input_ids, attention_mask, prompt_width, temperature, chunk_tokens,
+                                with_entropy, pack_tokens)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                      use_cache=False).last_hidden_state
-    head = getattr(head, "modules_to_save", {}).get("default", head) if hasattr(head, "modules_to_save") else head
     return token_logprobs(hidden[:, prompt_width - 1:-1], head, input_ids[:, prompt_width:], temperature,
                           chunk_tokens, with_entropy)
+
+
+def _packed_logprobs(decoder, head, input_ids, attention_mask, prompt_width, temperature, chunk_tokens,
+                     with_entropy, pack_tokens):
+    pk = pack(input_ids, attention_mask, prompt_width, pack_tokens)
+    # No attention mask: transformers reads the restarting positions as sequence boundaries.
+    with routed_tokens(pk.real.reshape(-1)):
+        hidden = decoder(input_ids=pk.input_ids, position_ids=pk.position_ids, use_cache=False).last_hidden_state
+    h = hidden.reshape(-1, hidden.shape[-1])[pk.source]
+    targets = input_ids[:, prompt_width:][pk.rows, pk.cols]
+    logp, ent = token_logprobs(h[None], head, targets[None], temperature, chunk_tokens, with_entropy)
+    shape = (input_ids.shape[0], input_ids.shape[1] - prompt_width)
+    out = logp.new_zeros(shape).index_put((pk.rows, pk.cols), logp[0])
+    return out, (ent.new_zeros(shape).index_put((pk.rows, pk.cols), ent[0]) if with_entropy else None)
 
 
 class CompletionLogprobs(torch.nn.Module):
@@ -78,6 +100,6 @@ class CompletionLogprobs(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask, position_ids, prompt_width: int, temperature: float = 1.0,
-                with_entropy: bool = False):
+                with_entropy: bool = False, pack_tokens: int = 0):
         return completion_logprobs(self.model, input_ids, attention_mask, position_ids, prompt_width, temperature,
-                                   with_entropy=with_entropy)
+                                   with_entropy=with_entropy, pack_tokens=pack_tokens)

@@ -59,6 +59,12 @@ def train_step(run: GRPORun, step: int) -> dict:
         m["nonfinite"] = float(not finite)
     m = dist.reduce_metrics(m)
     m["throughput/rollout_tok_s"] = m["completion/tokens"] / max(m["time/rollout"], 1e-9)
+    # Real (non-padding) tokens through each trainer pass per second: old + reference passes, mu update passes.
+    passes = float(run.need_old) + float(cfg.grpo.beta > 0)
+    if passes and m.get("time/logprobs"):
+        m["throughput/logprob_tok_s"] = passes * m["batch/tokens"] / m["time/logprobs"]
+    if m.get("time/update") and "actor/pg_loss" in m:  # an update ran (no minibatch was all masked)
+        m["throughput/update_tok_s"] = cfg.grpo.mu * m["batch/tokens"] / m["time/update"]
     return m
 
 

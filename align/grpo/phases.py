@@ -92,4 +92,8 @@ def to_batch(run: GRPORun, groups: Groups, metrics: dict) -> UpdateBatch:
     metrics["completion/truncated_frac"] = sum(c.truncated for c in comps) / len(comps)
     metrics["completion/tokens"] = sum(len(c.token_ids) for c in comps)
     prompt_ids = [ro.prompt_ids for ro in groups.rollouts for _ in ro.completions]
-    return build_batch(prompt_ids, comps, adv.flatten(), run.policy.tokenizer.pad_token_id, run.cfg.grpo.mask_truncated)
+    batch = build_batch(prompt_ids, comps, adv.flatten(), run.policy.tokenizer.pad_token_id,
+                        run.cfg.grpo.mask_truncated)
+    metrics["batch/tokens"] = int(batch.attention_mask.sum())  # prompts + completions, padding excluded
+    metrics["batch/padded_tokens"] = batch.attention_mask.numel()
+    return batch

@@ -18,8 +18,9 @@ from align.grpo.batch import UpdateBatch, minibatches
 from align.losses import get_loss, mismatch_metrics, tis_weights
 
 
-def _logp(fwd, b: UpdateBatch, temperature: float, entropy: bool = False):
-    return fwd(b.input_ids, b.attention_mask, b.position_ids, b.prompt_width, temperature, with_entropy=entropy)
+def _logp(fwd, b: UpdateBatch, temperature: float, pack_tokens: int, entropy: bool = False):
+    return fwd(b.input_ids, b.attention_mask, b.position_ids, b.prompt_width, temperature, with_entropy=entropy,
+               pack_tokens=pack_tokens)
 
 
 def local_chunks(n_local: int, minibatch_size: int, dist: Dist | None) -> list[torch.Tensor]:
@@ -40,15 +41,17 @@ def micro_count(n_local: int, micro_batch_size: int, dist: Dist | None) -> int:
     return int(max(1, min(want, dist.min(n_local))))
 
 
-def plan(mb: UpdateBatch, micro_batch_size: int, max_tokens: int, dist: Dist | None) -> list[tuple]:
-    """The micro-batches of one minibatch as (row indices, part): by token budget when ``max_tokens`` > 0, else
-    ``micro_batch_size`` rows each; every rank runs the same number (each forward may be a collective)."""
+def plan(mb: UpdateBatch, micro_batch_size: int, max_tokens: int, dist: Dist | None,
+         real: bool = False) -> list[tuple]:
+    """The micro-batches of one minibatch as (row indices, part): by token budget when ``max_tokens`` > 0 (padded
+    tokens, or the rows' own when ``real``: packed rows), else ``micro_batch_size`` rows each; every rank runs the
+    same number (each forward may be a collective)."""
     if max_tokens <= 0:
         return mb.micro_batches(micro_count(mb.size, micro_batch_size, dist))
-    want = len(mb.by_tokens(max_tokens)) if mb.size else 1
+    want = len(mb.by_tokens(max_tokens, real)) if mb.size else 1
     if dist is not None and dist.world > 1:
         want = int(min(-dist.min(-want), dist.min(mb.size)))
-    return mb.token_micro_batches(max_tokens, max(1, want))
+    return mb.token_micro_batches(max_tokens, max(1, want), real)
 
 
 def check_accumulation(dist: Dist | None, accumulates: bool) -> None:
@@ -77,20 +80,22 @@ def fill_old_and_ref(policy, fwd, batch: UpdateBatch, cfg: GRPOConfig, temperatu
     # No backward here: larger parts than the update's, except the old pass under router replay, whose
     # recorded routing is keyed by the update's own micro-batches.
     big = cfg.logprob_tokens_per_micro_batch or cfg.max_tokens_per_micro_batch
+    real, pack = cfg.pack_tokens > 0, cfg.pack_tokens
     try:
         for k, idx in enumerate(local_chunks(batch.size, cfg.minibatch_size, dist)):
             mb = batch.rows(idx).to(device)
-            large = plan(mb, cfg.micro_batch_size, big, dist) if cfg.beta > 0 or replay is None else None
+            large = plan(mb, cfg.micro_batch_size, big, dist, real) if cfg.beta > 0 or replay is None else None
             if need_old:
                 # Router replay keys its recorded routing by the update's own micro-batches.
-                parts = large if replay is None else plan(mb, cfg.micro_batch_size, cfg.max_tokens_per_micro_batch, dist)
+                parts = large if replay is None else plan(mb, cfg.micro_batch_size, cfg.max_tokens_per_micro_batch,
+                                                          dist, real)
                 for j, (rows, part) in enumerate(parts):
                     with replay("record", key=(k, j)) if replay is not None else _nullctx():
-                        olds[idx[rows.cpu()]] = _widen(_logp(fwd, part, temperature)[0].float().cpu(), width)
+                        olds[idx[rows.cpu()]] = _widen(_logp(fwd, part, temperature, pack)[0].float().cpu(), width)
             if cfg.beta > 0:
                 for rows, part in large:
                     with policy.reference():
-                        refs[idx[rows.cpu()]] = _widen(_logp(fwd, part, temperature)[0].float().cpu(), width)
+                        refs[idx[rows.cpu()]] = _widen(_logp(fwd, part, temperature, pack)[0].float().cpu(), width)
         batch.old_logp = olds if need_old else None
         batch.ref_logp = refs if cfg.beta > 0 else None
     finally:
@@ -112,7 +117,7 @@ def _micro_step(fwd, part: UpdateBatch, cfg: GRPOConfig, temperature: float, max
     """Loss and backward of one micro-batch (``share``: its fraction of the minibatch's rows); appends the
     completion tokens' entropies and ratios to ``outputs``."""
     world = dist.world if dist is not None else 1
-    logp, ent = _logp(fwd, part, temperature, entropy=True)
+    logp, ent = _logp(fwd, part, temperature, cfg.pack_tokens, entropy=True)
     old = part.old_logp if part.old_logp is not None else logp.detach()
     weights = tis_weights(old, part.rollout_logp, cfg.tis_cap) if cfg.tis_cap > 0 else None
     loss, m = get_loss(cfg.loss)(logp, old, part.advantages, part.completion_mask, epsilon=cfg.epsilon,
@@ -141,7 +146,7 @@ def _backward_minibatch(fwd, mb: UpdateBatch, k: int, cfg: GRPOConfig, temperatu
                         norm: dict, monitor, replay, dist: Dist | None):
     """Forward and backward of one minibatch a micro-batch at a time (gradients accumulate; DDP syncs on
     the last); returns (metrics, entropy/ratio rows, finite) without stepping."""
-    micro = plan(mb, cfg.micro_batch_size, cfg.max_tokens_per_micro_batch, dist)
+    micro = plan(mb, cfg.micro_batch_size, cfg.max_tokens_per_micro_batch, dist, cfg.pack_tokens > 0)
     parts, ents, ratios = [], [], []
     for j, (_, part) in enumerate(micro):
         # The backward runs inside the replay context too: gradient checkpointing recomputes the routers

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from align.kernels.cache import use_kernel_cache
 from align.kernels.swap import swap_forwards
 
 _PATCHED = False
@@ -79,6 +80,7 @@ def use_fused_kernels() -> bool:
     global _PATCHED, _logp_compiled
     if _PATCHED or not can_compile_for_gpu():  # without inductor's GPU backend the unfused ops stay
         return _PATCHED
+    use_kernel_cache()
     from transformers.models.deepseek_v2 import modeling_deepseek_v2 as m
 
     rms = torch.compile(_rms_norm, dynamic=True)
@@ -100,6 +102,7 @@ def compile_decoder_layers(model: torch.nn.Module, backend: str = "inductor") ->
     """
     import torch._dynamo as dynamo
 
+    use_kernel_cache()
     layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")
               and not getattr(m, "gradient_checkpointing", False) and not hasattr(m, "_eager_forward")]
     # Dense and MoE layers differ; every other layer reuses one of those two graphs (parameters are inputs).

@@ -45,6 +45,10 @@ def test_grpo_run_writes_chat_rl_checkpoint(reference_run):
     assert updated, "no step updated the policy"
     for key in ("actor/clipfrac", "actor/entropy", "mismatch/abs_logp_mean", "moe/layer1/cv", "moe/maxvio_max"):
         assert all(key in r for r in updated), key
+    for r in updated:  # old + reference passes (mu=2, beta>0), mu update passes, over the real tokens
+        assert r["batch/tokens"] < r["batch/padded_tokens"]
+        assert r["throughput/logprob_tok_s"] == pytest.approx(2 * r["batch/tokens"] / r["time/logprobs"], rel=1e-6)
+        assert r["throughput/update_tok_s"] == pytest.approx(2 * r["batch/tokens"] / r["time/update"], rel=1e-6)
     history = json.loads((reference_run / "moe_history.json").read_text())
     assert len(history) == len(updated), "the monitor counts every update step"
     first = next(r for r in rows if "mismatch/abs_logp_mean" in r)

@@ -1,0 +1,86 @@
+"""Padding-free packing: the real tokens of a padded batch laid end to end in a few rows.
+
+A GRPO batch is mostly padding at real completion lengths (prompts left-padded to the longest prompt,
+completions right-padded to the longest in the part). Packing drops every padding token from the forward:
+each sequence keeps its own positions (restarting at 0), and transformers' mask builder reads those
+restarts as document boundaries (``masking_utils.find_packed_sequence_indices``: attention never crosses
+sequences), so a packed forward computes exactly what the padded one computes for every real token.
+Rows are capped at ``row_tokens`` so attention's quadratic work stays that of short rows, not of one
+row holding the whole micro-batch; the ragged ends of rows are filled with a dummy sequence that no
+completion reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Packed:
+    input_ids: torch.Tensor     # [R, L]
+    position_ids: torch.Tensor  # [R, L] restarting at 0 for every sequence
+    real: torch.Tensor          # [R, L] bool: a token of some sequence (False on the rows' filler)
+    source: torch.Tensor        # [M] flat index into [R * L] of the hidden state that predicts each completion token
+    rows: torch.Tensor          # [M] row of that token in the padded batch
+    cols: torch.Tensor          # [M] its completion column
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.input_ids.shape)
+
+
+def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Bins of sequence indices, longest first, each summing to at most ``capacity`` (a longer sequence gets a
+    bin of its own).
+
+    >>> first_fit([5, 3, 4, 2], 7)
+    [[0, 3], [2, 1]]
+    """
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        k = next((b for b, r in enumerate(room) if r >= lengths[i]), None)
+        if k is None:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+        else:
+            bins[k].append(i)
+            room[k] -= lengths[i]
+    return bins
+
+
+def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int, row_tokens: int,
+         pad_id: int = 0) -> Packed:
+    """Pack a left-padded-prompt / right-padded-completion batch ([N, P + C], see ``UpdateBatch``).
+
+    Row i's real tokens are the contiguous span ``[P - prompt_len_i, P + completion_len_i)``; its completion
+    token j is predicted by the hidden state one place before it in the packed row.
+    """
+    lens_p = attention_mask[:, :prompt_width].sum(-1).tolist()
+    lens_c = attention_mask[:, prompt_width:].sum(-1).tolist()
+    lengths = [p + c for p, c in zip(lens_p, lens_c)]
+    bins = first_fit(lengths, max(row_tokens, max(lengths, default=1)))
+    width = max(sum(lengths[i] for i in b) for b in bins)
+    n_cols = input_ids.shape[1]
+    take = torch.full((len(bins), width), -1, dtype=torch.long)
+    pos = torch.zeros((len(bins), width), dtype=torch.long)
+    source, rows, cols = [], [], []
+    for r, b in enumerate(bins):
+        at = 0
+        for i in b:
+            start = prompt_width - lens_p[i]
+            take[r, at:at + lengths[i]] = torch.arange(i * n_cols + start, i * n_cols + start + lengths[i])
+            pos[r, at:at + lengths[i]] = torch.arange(lengths[i])
+            first = r * width + at + lens_p[i] - 1
+            source.append(torch.arange(first, first + lens_c[i]))
+            rows.append(torch.full((lens_c[i],), i, dtype=torch.long))
+            cols.append(torch.arange(lens_c[i]))
+            at += lengths[i]
+        pos[r, at:] = torch.arange(width - at)  # the filler is one more sequence, never read
+    real = take >= 0
+    device = input_ids.device
+    ids = torch.where(real.to(device), input_ids.reshape(-1)[take.clamp_min(0).to(device)], pad_id)
+    return Packed(ids, pos.to(device), real.to(device), torch.cat(source).to(device), torch.cat(rows).to(device),
+                  torch.cat(cols).to(device))
