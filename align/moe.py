@@ -115,10 +115,13 @@ class ExpertMonitor:
     num_devices: int = 1
     dead_threshold: float = 0.0
     active: bool = True
-    counts: dict = field(default_factory=dict)
-    entropy_sum: dict = field(default_factory=dict)
-    tokens: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
+    _counts: dict = field(default_factory=dict)
+    _entropy: dict = field(default_factory=dict)
+    _tokens: dict = field(default_factory=dict)
+    _acc: dict = field(default_factory=dict)
+    """Per layer, on the router's device: [E] weighted expert counts, entropy sum, tokens (float64). Hooks only add
+    to it (no host sync per layer and forward); :meth:`_flush` moves it to the host when metrics are read."""
     _aux: list = field(default_factory=list)
     _mask: torch.Tensor | None = None
     _pass: int = 0
@@ -151,22 +154,59 @@ class ExpertMonitor:
             first = self._seen.get(layer) != self._pass
             self._seen[layer] = self._pass
             logits, _, idx = output
-            if self._mask is not None and self._mask.numel() == idx.shape[0]:
-                logits, idx = logits[self._mask], idx[self._mask]
+            masked = self._mask is not None and self._mask.numel() == idx.shape[0]
             if torch.is_grad_enabled() and (self.alpha1 or self.alpha2):
-                probs = logits.float().softmax(-1)
-                loss = self.alpha1 * expert_balance_loss(probs, idx, self.num_experts) if self.alpha1 else 0.0
+                lg, ix = (logits[self._mask], idx[self._mask]) if masked else (logits, idx)
+                probs = lg.float().softmax(-1)
+                loss = self.alpha1 * expert_balance_loss(probs, ix, self.num_experts) if self.alpha1 else 0.0
                 if self.alpha2:
-                    loss = loss + self.alpha2 * device_balance_loss(probs, idx, self.num_experts, self.num_devices)
+                    loss = loss + self.alpha2 * device_balance_loss(probs, ix, self.num_experts, self.num_devices)
                 if first:
                     self._aux.append(loss)
             if first:
-                with torch.no_grad():
-                    p = logits.float().softmax(-1)
-                    self.counts[layer] += torch.bincount(idx.reshape(-1), minlength=self.num_experts).cpu()
-                    self.entropy_sum[layer] += float(-(p * p.clamp_min(1e-20).log()).sum(-1).sum())
-                    self.tokens[layer] += idx.shape[0]
+                self._count(layer, logits, idx, self._mask if masked else None)
         return hook
+
+    @torch.no_grad()
+    def _count(self, layer: int, logits: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Add one forward's routing to the device accumulator; padding weighs 0 (no boolean indexing: it syncs)."""
+        w = mask.to(torch.float64) if mask is not None else idx.new_ones(idx.shape[0], dtype=torch.float64)
+        p = logits.float().softmax(-1)
+        ent = -(p * p.clamp_min(1e-20).log()).sum(-1)
+        acc = self._acc.get(layer)
+        if acc is None or acc.device != idx.device:
+            acc = self._acc[layer] = torch.zeros(self.num_experts + 2, dtype=torch.float64, device=idx.device)
+        acc[: self.num_experts].scatter_add_(0, idx.reshape(-1), w[:, None].expand(idx.shape).reshape(-1))
+        acc[-2] += (ent.double() * w).sum()
+        acc[-1] += w.sum()
+
+    def _flush(self) -> None:
+        """Move the device accumulators into the host totals: one transfer for all layers."""
+        if not self._acc:
+            return
+        layers = list(self._acc)
+        flat = torch.stack([self._acc[l] for l in layers]).cpu()
+        for i, l in enumerate(layers):
+            self._counts[l] += flat[i, : self.num_experts].round().long()
+            self._entropy[l] += float(flat[i, -2])
+            self._tokens[l] += int(round(float(flat[i, -1])))
+        self._acc.clear()
+
+    @property
+    def counts(self) -> dict[int, torch.Tensor]:
+        """Per layer: tokens routed to each expert (top-k counted k times), [E] int64."""
+        self._flush()
+        return self._counts
+
+    @property
+    def entropy_sum(self) -> dict[int, float]:
+        self._flush()
+        return self._entropy
+
+    @property
+    def tokens(self) -> dict[int, int]:
+        self._flush()
+        return self._tokens
 
     def pop_aux_loss(self) -> torch.Tensor | None:
         """Sum of the balance losses built since the last call (to add to the training loss)."""
@@ -177,22 +217,24 @@ class ExpertMonitor:
         return total
 
     def reset(self) -> None:
+        self._acc.clear()
         for layer, _ in self.routers:
-            self.counts[layer] = torch.zeros(self.num_experts, dtype=torch.long)
-            self.entropy_sum[layer] = 0.0
-            self.tokens[layer] = 0
+            self._counts[layer] = torch.zeros(self.num_experts, dtype=torch.long)
+            self._entropy[layer] = 0.0
+            self._tokens[layer] = 0
 
     def merge_ranks(self, all_reduce_sum) -> None:
         """Sum the counts of every rank (``all_reduce_sum``: float64 tensor -> summed tensor) so each
         rank's summary describes the global batch; call on every rank."""
         layers = [layer for layer, _ in self.routers]
-        flat = torch.cat([torch.cat([self.counts[l].double(), torch.tensor([self.entropy_sum[l], self.tokens[l]],
-                                                                            dtype=torch.float64)]) for l in layers])
+        self._flush()
+        flat = torch.cat([torch.cat([self._counts[l].double(), torch.tensor([self._entropy[l], self._tokens[l]],
+                                                                             dtype=torch.float64)]) for l in layers])
         flat = all_reduce_sum(flat).cpu().view(len(layers), self.num_experts + 2)
         for i, l in enumerate(layers):
-            self.counts[l] = flat[i, : self.num_experts].round().long()
-            self.entropy_sum[l] = float(flat[i, -2])
-            self.tokens[l] = int(flat[i, -1])
+            self._counts[l] = flat[i, : self.num_experts].round().long()
+            self._entropy[l] = float(flat[i, -2])
+            self._tokens[l] = int(flat[i, -1])
 
     def summary(self, reset: bool = True) -> dict[str, float]:
         """Flat metrics ``moe/layer{L}/{cv,maxvio,entropy,load_entropy,dead}`` plus means over layers."""
@@ -236,8 +278,7 @@ class RouterReplay:
         self.mode: str | None = None
         self.key = None
         self.store: dict = {}
-        self.flips = 0
-        self.total = 0
+        self._flips: list[torch.Tensor] = []  # per replayed layer: [flipped, tokens] on the device, summed when read
         self._counted: set = set()
         self._mask: torch.Tensor | None = None
         self._handles = [r.register_forward_hook(_eager(self._hook(layer))) for layer, r in self.routers]
@@ -260,10 +301,9 @@ class RouterReplay:
                 if slot not in self._counted:  # not again in a gradient-checkpoint recomputation
                     self._counted.add(slot)
                     flipped = (idx.sort(-1).values != rec.sort(-1).values).any(-1)
-                    if self._mask is not None and self._mask.numel() == flipped.numel():
-                        flipped = flipped[self._mask]  # real tokens only, not padding or packed rows' filler
-                    self.flips += int(flipped.sum())
-                    self.total += flipped.numel()
+                    real = self._mask if self._mask is not None and self._mask.numel() == flipped.numel() \
+                        else torch.ones_like(flipped)  # real tokens only, not padding or packed rows' filler
+                    self._flips.append(torch.stack([(flipped & real).sum(), real.sum()]))
                 probs = logits.float().softmax(-1)
                 new_w = probs.gather(-1, rec) * module.routed_scaling_factor
                 return logits, new_w.to(weights.dtype), rec
@@ -283,11 +323,25 @@ class RouterReplay:
     def __exit__(self, *exc):
         self.mode = None
 
+    def _sums(self) -> tuple[int, int]:
+        if len(self._flips) > 1:
+            self._flips = [torch.stack(self._flips).sum(0)]
+        return tuple(int(v) for v in self._flips[0].tolist()) if self._flips else (0, 0)
+
+    @property
+    def flips(self) -> int:
+        """Replayed real tokens whose own top-k differed from the recorded one."""
+        return self._sums()[0]
+
+    @property
+    def total(self) -> int:
+        return self._sums()[1]
+
     def flip_rate(self, reset: bool = True) -> float:
-        rate = self.flips / self.total if self.total else 0.0
+        flips, total = self._sums()
         if reset:
-            self.flips = self.total = 0
-        return rate
+            self._flips = []
+        return flips / total if total else 0.0
 
     def clear(self) -> None:
         self.store.clear()

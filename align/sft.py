@@ -43,7 +43,7 @@ class AlignSFTTrainer(SFTTrainer):
         aux = self.monitor.pop_aux_loss() if self.monitor is not None else None
         if aux is None:
             return out
-        self._aux_total = getattr(self, "_aux_total", 0.0) + float(aux)
+        self._aux_total = getattr(self, "_aux_total", 0.0) + aux.detach()  # a tensor: no host sync per micro-step
         if return_outputs:
             return out[0] + aux, out[1]
         return out + aux
@@ -57,7 +57,7 @@ class AlignSFTTrainer(SFTTrainer):
             logs.update(self.monitor.summary())
             if hasattr(self, "_aux_total"):
                 passes = max(1, self.args.logging_steps * self.args.gradient_accumulation_steps)
-                logs["moe/balance_loss"] = self._aux_total / passes
+                logs["moe/balance_loss"] = float(self._aux_total) / passes
                 self._aux_total = 0.0
         super().log(logs, start_time)
         if self.metrics is not None:

@@ -16,6 +16,7 @@ generation rounds (``steps_per_generation`` optimizer steps each) and reports th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -138,7 +139,7 @@ def rollout_probe(run, a) -> dict:
                                                                                       len(run.policy.tokenizer), 1)])
     settings = SamplingSettings(n=a.group, temperature=1.0, max_new_tokens=a.new_tokens, seed=7,
                                 seeds=list(range(len(prompts))))
-    run.engine.generate(prompts[:4], settings)
+    run.engine.generate(prompts[:4], dataclasses.replace(settings, seeds=settings.seeds[:4]))
     torch.cuda.synchronize() if a.device == "cuda" else None
     t = time.perf_counter()
     out = run.engine.generate(prompts, settings)

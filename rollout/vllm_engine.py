@@ -125,6 +125,14 @@ def write_skeleton(model, tokenizer, out_dir: Path) -> Path:
     return out_dir
 
 
+# GPU defaults (``rollout.engine_kwargs`` overrides each): full CUDA graphs for decode without torch.compile, and at
+# most 512 running requests, vLLM's largest captured graph (more run eagerly). On the H200 at V2-Lite shape
+# (bench/results/grpo_step_v2-lite_16x16_cuda.json, two runs): start-up 28.6 and 44.6 s, 1,024 requests at 12.3k
+# tok/s; earlier runs with vLLM's compiled piecewise graphs and up to 1,024 running: 111-117 s and 6.7k-7.8k tok/s.
+# In-step rollout and train/infer mismatch as before (11.6k tok/s at 256 requests, 0.028 nats/token).
+GPU_GRAPHS = {"compilation_config": {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}, "max_num_seqs": 512}
+
+
 class VLLMEngine:
     """Wraps ``vllm.LLM`` colocated with the trainer; weights are refreshed in place through ``reload_weights``.
 
@@ -159,20 +167,21 @@ class VLLMEngine:
         self.per_prompt_seeds = per_prompt_seeds
         self.asleep = False
         self.needs_full_sync = load_format == "dummy"
+        eager = (not cuda) if enforce_eager is None else enforce_eager
         self.llm = LLM(
             model=model_path,
             dtype=dtype,
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
             tensor_parallel_size=tensor_parallel_size,
-            enforce_eager=(not cuda) if enforce_eager is None else enforce_eager,
+            enforce_eager=eager,
             seed=seed,
             logprobs_mode="processed_logprobs",
             enable_sleep_mode=self.sleep_level > 0,
             enable_prefix_caching=False,
             load_format=load_format,
             **({"distributed_executor_backend": "external_launcher"} if external_launcher else {}),
-            **(extra or {}),
+            **{**(GPU_GRAPHS if cuda and not eager else {}), **(extra or {})},
         )
         _quiet_vllm()
         if not cuda:

@@ -81,7 +81,12 @@ def use_fused_kernels() -> bool:
     if _PATCHED or not can_compile_for_gpu():  # without inductor's GPU backend the unfused ops stay
         return _PATCHED
     use_kernel_cache()
+    import torch._dynamo as dynamo
     from transformers.models.deepseek_v2 import modeling_deepseek_v2 as m
+
+    # One graph per norm width (hidden, latent), rank (training 3D, decoding 2D) and grad mode: past dynamo's 8
+    # the rest ran eagerly (seen on the H200 when align grpo's decoder followed SFT in one process).
+    dynamo.config.recompile_limit = max(64, dynamo.config.recompile_limit)
 
     rms = torch.compile(_rms_norm, dynamic=True)
     m.DeepseekV2RMSNorm.forward = lambda self, x: rms(x, self.weight, self.variance_epsilon)
@@ -106,7 +111,7 @@ def compile_decoder_layers(model: torch.nn.Module, backend: str = "inductor") ->
     layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")
               and not getattr(m, "gradient_checkpointing", False) and not hasattr(m, "_eager_forward")]
     # Dense and MoE layers differ; every other layer reuses one of those two graphs (parameters are inputs).
-    dynamo.config.cache_size_limit = max(64, dynamo.config.cache_size_limit)
+    dynamo.config.recompile_limit = max(64, dynamo.config.recompile_limit)
     for layer in layers:
         layer._compiled_forward = torch.compile(layer.forward, dynamic=True, backend=backend)
     return swap_forwards(layers, _train_dispatch, "_eager_forward")

@@ -1,0 +1,53 @@
+"""What align asks of vLLM: GPU graph defaults that ``rollout.engine_kwargs`` overrides, nothing extra on the CPU."""
+
+import sys
+import types
+
+import pytest
+import torch
+
+from rollout import vllm_engine
+
+
+class _FakeLLM:
+    seen: dict = {}
+
+    def __init__(self, **kwargs):
+        _FakeLLM.seen = kwargs
+
+    def apply_model(self, fn):  # the CPU path patches rope inside the engine's model
+        return 0
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=_FakeLLM))
+    monkeypatch.setattr(vllm_engine, "_quiet_vllm", lambda: None)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    return _FakeLLM
+
+
+def _start(monkeypatch, cuda: bool, **kw):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    vllm_engine.VLLMEngine("/m", dtype="bfloat16", **kw)
+    return _FakeLLM.seen
+
+
+def test_gpu_gets_compile_free_full_decode_graphs_and_512_running(fake_vllm, monkeypatch):
+    seen = _start(monkeypatch, cuda=True)
+    assert seen["enforce_eager"] is False and seen["enable_sleep_mode"] is True
+    assert seen["compilation_config"] == {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
+    assert seen["max_num_seqs"] == 512
+
+
+def test_engine_kwargs_override_each_default(fake_vllm, monkeypatch):
+    seen = _start(monkeypatch, cuda=True, extra={"max_num_seqs": 1024, "compilation_config": {"mode": 3}})
+    assert seen["max_num_seqs"] == 1024 and seen["compilation_config"] == {"mode": 3}
+
+
+def test_eager_or_cpu_engines_get_no_graph_settings(fake_vllm, monkeypatch):
+    seen = _start(monkeypatch, cuda=True, enforce_eager=True)
+    assert seen["enforce_eager"] is True and "compilation_config" not in seen and "max_num_seqs" not in seen
+    seen = _start(monkeypatch, cuda=False)
+    assert seen["enforce_eager"] is True and "compilation_config" not in seen and seen["enable_sleep_mode"] is False
