@@ -66,7 +66,7 @@ def build_model(shape: str, layers: int | None, dtype: torch.dtype, device: str)
 def overrides(a) -> list[str]:
     mb = a.prompts * a.group // 4  # math_rl.yaml: 1,024 completions in minibatches of 256
     return [f"rollout.max_new_tokens={a.new_tokens}", f"grpo.prompts_per_step={a.prompts}",
-            f"rollout.num_generations={a.group}", f"grpo.minibatch_size={mb}", f"grpo.steps={a.steps}",
+            f"rollout.num_generations={a.group}", f"grpo.minibatch_size={mb}", f"grpo.steps={max(1, a.steps)}",
             f"rollout.engine={a.engine}", "data.max_length=256", "train.save_steps=0",
             f"model.dtype={'bfloat16' if a.device == 'cuda' else 'float32'}",
             f"model.gradient_checkpointing={a.device == 'cuda'}", *a.set]

@@ -133,8 +133,9 @@ def main() -> None:
     ap.add_argument("--rollout-rows", type=int, default=1024, help="rows of --rollout-shape (minibatches of a quarter)")
     ap.add_argument("--budgets", nargs="*", type=int, default=[],
                     help="extra rows with grpo.max_tokens_per_micro_batch=B (no-grad passes 4B), grouped by length")
-    ap.add_argument("--pack", type=int, default=0,
-                    help="with --budgets: each budget also packed (grpo.pack_tokens=PACK, budgets in real tokens)")
+    ap.add_argument("--pack", type=int, nargs="*", default=[],
+                    help="with --budgets: each budget also packed in rows of each of these sizes (grpo.pack_tokens; "
+                         "budgets then count real tokens), the largest also without recomputation")
     ap.add_argument("--name", default=None)
     ap.add_argument("--skip-defaults", action="store_true", help="no rows before the budget rows except the first")
     a = ap.parse_args()
@@ -164,9 +165,12 @@ def main() -> None:
         plan = plan[:1]
     for b in a.budgets:
         plan.append((f"bf16 adapters, token budget {b} (no-grad passes {4 * b}), every layer recomputed", -b, True, None))
+        for rows in a.pack:
+            packed = f"bf16 adapters, token budget {b} real tokens (no-grad passes {4 * b}), packed in rows of {rows}"
+            plan.append((f"{packed}, every layer recomputed", -b, True, ("pack", rows)))
         if a.pack:
             plan.append((f"bf16 adapters, token budget {b} real tokens (no-grad passes {4 * b}), packed in rows of "
-                         f"{a.pack}, every layer recomputed", -b, True, "pack"))
+                         f"{max(a.pack)}, no recomputation", -b, False, ("pack", max(a.pack))))
     if a.compile_layers:
         plan.append((f"{tuned} grouped by length, no recomputation, compiled decoder layers", a.micro, False, "compile"))
     original = UpdateBatch.micro_batches
@@ -181,8 +185,8 @@ def main() -> None:
             split = None
         extra = ({"max_tokens_per_micro_batch": -micro, "logprob_tokens_per_micro_batch": -4 * micro}
                  if micro < 0 else {"micro_batch_size": micro})
-        if split == "pack":
-            extra["pack_tokens"] = a.pack
+        if isinstance(split, tuple):
+            extra["pack_tokens"] = split[1]
             split = None
         UpdateBatch.micro_batches = original if split == "fp32" else split or original
         row = run_row(policy, batch, GRPOConfig(**{**cfg.__dict__, **extra}), a.steps, device)

@@ -11,12 +11,19 @@ from rollout import vllm_engine
 
 class _FakeLLM:
     seen: dict = {}
+    calls: list = []
 
     def __init__(self, **kwargs):
         _FakeLLM.seen = kwargs
 
     def apply_model(self, fn):  # the CPU path patches rope inside the engine's model
         return 0
+
+    def sleep(self, level):
+        _FakeLLM.calls.append(("sleep", level))
+
+    def wake_up(self, tags):
+        _FakeLLM.calls.append(("wake", tuple(tags)))
 
 
 @pytest.fixture
@@ -51,3 +58,16 @@ def test_eager_or_cpu_engines_get_no_graph_settings(fake_vllm, monkeypatch):
     assert seen["enforce_eager"] is True and "compilation_config" not in seen and "max_num_seqs" not in seen
     seen = _start(monkeypatch, cuda=False)
     assert seen["enforce_eager"] is True and "compilation_config" not in seen and seen["enable_sleep_mode"] is False
+
+
+def test_waking_on_a_gpu_returns_the_trainers_cached_memory_first(fake_vllm, monkeypatch):
+    """sleep(2) -> empty the trainer's allocator cache -> wake weights -> full sync -> wake KV cache."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    engine = vllm_engine.VLLMEngine("/m", dtype="bfloat16", load_format="dummy")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: _FakeLLM.calls.append(("empty_cache",)))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None, raising=False)
+    _FakeLLM.calls = []
+    engine.sleep()
+    engine.wake_up(lambda full: _FakeLLM.calls.append(("push", full)))
+    assert _FakeLLM.calls == [("sleep", 2), ("empty_cache",), ("wake", ("weights",)), ("push", True),
+                              ("wake", ("kv_cache",))]
