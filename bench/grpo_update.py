@@ -121,7 +121,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="v2-lite", choices=["tiny", "v2-lite"])
     ap.add_argument("--rows", type=int, default=16, help="sequences in the minibatch (one optimizer step)")
@@ -138,7 +138,44 @@ def main() -> None:
                          "budgets then count real tokens), the largest also without recomputation")
     ap.add_argument("--name", default=None)
     ap.add_argument("--skip-defaults", action="store_true", help="no rows before the budget rows except the first")
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+def plan_rows(a) -> list[tuple]:
+    """(name, micro: rows per part or -token budget, recompute every layer, how to split) per row; the first row is
+    the baseline every ratio compares with."""
+    tuned = f"bf16 adapters, micro-batches of {a.micro}"
+    plan = [("align defaults: fp32 adapters, whole minibatch, every layer recomputed", 0, True, None),
+            (f"{tuned} in arrival order, no recomputation", a.micro, False, in_arrival_order),
+            (f"{tuned} grouped by length, no recomputation", a.micro, False, None)]
+    if a.rollout_shape:  # issue 17's baseline: math_rl.yaml's passes before token budgets
+        plan = [(f"math_rl.yaml: fp32 adapters, micro-batches of {a.micro} rows, every layer recomputed",
+                 a.micro, True, "fp32")] + ([] if a.skip_defaults else plan[1:])
+    elif a.skip_defaults:
+        plan = plan[:1]
+    for b in a.budgets:
+        plan.append((f"bf16 adapters, token budget {b} (no-grad passes {4 * b}), every layer recomputed", -b, True, None))
+        packed = f"bf16 adapters, token budget {b} real tokens (no-grad passes {4 * b}), packed in rows of"
+        for rows in a.pack:
+            plan.append((f"{packed} {rows}, every layer recomputed", -b, True, ("pack", rows)))
+        if a.pack:
+            plan.append((f"{packed} {max(a.pack)}, no recomputation", -b, False, ("pack", max(a.pack))))
+    if a.compile_layers:
+        plan.append((f"{tuned} grouped by length, no recomputation, compiled decoder layers", a.micro, False, "compile"))
+    return plan
+
+
+def add_ratios(rows: dict, base: dict) -> None:
+    for row in rows.values():
+        if "step_tok_s" in row and "step_tok_s" in base:
+            row["step_ratio_vs_defaults"] = row["step_tok_s"] / base["step_tok_s"]
+        for key in ("update_tok_s", "logprob_tok_s"):
+            if key in row and key in base:
+                row[key.replace("_tok_s", "_ratio_vs_first_row")] = row[key] / base[key]
+
+
+def main() -> None:
+    a = parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     v2 = a.shape == "v2-lite"
     model = build(V2_LITE if v2 else TINY, torch.bfloat16 if device == "cuda" else torch.float32, device)
@@ -154,25 +191,7 @@ def main() -> None:
     res = {"shape": a.shape, "rows_per_minibatch": a.rows, "micro_batch_size": a.micro,
            "real_tokens": int(batch.attention_mask.sum()), "padded_tokens": batch.attention_mask.numel(), "rows": {}}
     cfg = GRPOConfig(minibatch_size=batch.size // 4 if a.rollout_shape else a.rows, beta=0.04, mu=1)
-    tuned = f"bf16 adapters, micro-batches of {a.micro}"
-    plan = [("align defaults: fp32 adapters, whole minibatch, every layer recomputed", 0, True, None),
-            (f"{tuned} in arrival order, no recomputation", a.micro, False, in_arrival_order),
-            (f"{tuned} grouped by length, no recomputation", a.micro, False, None)]
-    if a.rollout_shape:  # issue 17's baseline: math_rl.yaml as it stands
-        plan = [(f"math_rl.yaml: fp32 adapters, micro-batches of {a.micro} rows, every layer recomputed",
-                 a.micro, True, "fp32")] + ([] if a.skip_defaults else plan[1:])
-    elif a.skip_defaults:
-        plan = plan[:1]
-    for b in a.budgets:
-        plan.append((f"bf16 adapters, token budget {b} (no-grad passes {4 * b}), every layer recomputed", -b, True, None))
-        for rows in a.pack:
-            packed = f"bf16 adapters, token budget {b} real tokens (no-grad passes {4 * b}), packed in rows of {rows}"
-            plan.append((f"{packed}, every layer recomputed", -b, True, ("pack", rows)))
-        if a.pack:
-            plan.append((f"bf16 adapters, token budget {b} real tokens (no-grad passes {4 * b}), packed in rows of "
-                         f"{max(a.pack)}, no recomputation", -b, False, ("pack", max(a.pack))))
-    if a.compile_layers:
-        plan.append((f"{tuned} grouped by length, no recomputation, compiled decoder layers", a.micro, False, "compile"))
+    plan = plan_rows(a)
     original = UpdateBatch.micro_batches
     for name, micro, ckpt, split in plan:
         if micro and split != "fp32":
@@ -193,14 +212,7 @@ def main() -> None:
         UpdateBatch.micro_batches = original
         res["rows"][name] = row
         print(f"{name}: {row}", flush=True)
-    base = res["rows"][plan[0][0]]
-    for row in res["rows"].values():
-        if "step_tok_s" in row and "step_tok_s" in base:
-            row["step_ratio_vs_defaults"] = row["step_tok_s"] / base["step_tok_s"]
-    for row in res["rows"].values():
-        for key in ("update_tok_s", "logprob_tok_s"):
-            if key in row and key in base:
-                row[key.replace("_tok_s", "_ratio_vs_first_row")] = row[key] / base[key]
+    add_ratios(res["rows"], res["rows"][plan[0][0]])
     write(a.name or f"grpo_update_{a.shape}_{device}", res)
 
 
