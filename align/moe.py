@@ -42,6 +42,11 @@ def _real_tokens(kwargs: dict) -> torch.Tensor | None:
     return mask.reshape(-1).bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else _TOKENS.get()
 
 
+def _mask_for(mask: torch.Tensor | None, tokens: int) -> torch.Tensor | None:
+    """``mask`` when it describes a router call over ``tokens`` tokens (a forward of the decoder that set it)."""
+    return mask if mask is not None and mask.numel() == tokens else None
+
+
 def find_routers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
     """(layer index, router) for every MoE router, in layer order."""
     routers = []
@@ -154,9 +159,9 @@ class ExpertMonitor:
             first = self._seen.get(layer) != self._pass
             self._seen[layer] = self._pass
             logits, _, idx = output
-            masked = self._mask is not None and self._mask.numel() == idx.shape[0]
+            mask = _mask_for(self._mask, idx.shape[0])
             if torch.is_grad_enabled() and (self.alpha1 or self.alpha2):
-                lg, ix = (logits[self._mask], idx[self._mask]) if masked else (logits, idx)
+                lg, ix = (logits[mask], idx[mask]) if mask is not None else (logits, idx)
                 probs = lg.float().softmax(-1)
                 loss = self.alpha1 * expert_balance_loss(probs, ix, self.num_experts) if self.alpha1 else 0.0
                 if self.alpha2:
@@ -164,7 +169,7 @@ class ExpertMonitor:
                 if first:
                     self._aux.append(loss)
             if first:
-                self._count(layer, logits, idx, self._mask if masked else None)
+                self._count(layer, logits, idx, mask)
         return hook
 
     @torch.no_grad()
@@ -301,8 +306,8 @@ class RouterReplay:
                 if slot not in self._counted:  # not again in a gradient-checkpoint recomputation
                     self._counted.add(slot)
                     flipped = (idx.sort(-1).values != rec.sort(-1).values).any(-1)
-                    real = self._mask if self._mask is not None and self._mask.numel() == flipped.numel() \
-                        else torch.ones_like(flipped)  # real tokens only, not padding or packed rows' filler
+                    real = _mask_for(self._mask, flipped.numel())  # not padding or packed rows' filler
+                    real = torch.ones_like(flipped) if real is None else real
                     self._flips.append(torch.stack([(flipped & real).sum(), real.sum()]))
                 probs = logits.float().softmax(-1)
                 new_w = probs.gather(-1, rec) * module.routed_scaling_factor

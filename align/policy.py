@@ -135,7 +135,7 @@ def prepare_for_training(model: PreTrainedModel, model_cfg: ModelConfig, lora_cf
     """Recomputation, compiled kernels, a fresh LoRA with align's faster forwards, the router frozen or not:
     everything between a loaded base model and the policy that SFT and GRPO train."""
     if torch.cuda.is_available():
-        use_kernel_cache()  # before anything compiles: Triton and inductor read the directories once
+        use_kernel_cache()  # before anything compiles (the Triton operators too, with model.fused_kernels off)
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -264,11 +264,11 @@ class VLLMEngine:
     def wake_up(self, push: Callable[[bool], object] | None = None) -> None:
         """Make the engine ready to generate; ``push(full)`` syncs the trainer's weights (``full``: every
         weight, not just the adapted ones) between the weights' and the KV cache's wake-up."""
-        if self.asleep and torch.cuda.is_available():
-            # The trainer's caching allocator still holds the update's activations: give them back first, or the
-            # device holds both (vLLM's pool is its own). Lead from the H200: whole-GPU peak 93.5 GiB in step 2.
-            torch.cuda.empty_cache()
         if self.asleep:
+            if torch.cuda.is_available():
+                # The trainer's caching allocator still holds the update's activations: give them back first, or
+                # the device holds both (vLLM's pool is its own). Lead from the H200: whole-GPU peak 93.5 GiB.
+                torch.cuda.empty_cache()
             self.llm.wake_up(tags=["weights"])
         if push is not None:
             push(self.needs_full_sync)

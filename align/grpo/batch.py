@@ -60,24 +60,20 @@ class UpdateBatch:
         dynamic batch size): many short rows share a forward, a few long ones get their own. Tokens are padded
         ones (rows x (P + longest completion in the set)), or with ``real`` (packed rows) the rows' own."""
         lens = self.attention_mask[:, self.prompt_width:].sum(-1)
-        own = self.attention_mask.sum(-1).tolist()
+        own = self.attention_mask.sum(-1).tolist() if real else None
         order = lens.argsort(descending=True, stable=True).tolist()
         parts: list[list[int]] = []
-        used = 0
+        used = 0  # tokens of the last part, with row i added
         for i in order:
             if real:
-                fits = parts and used + own[i] <= max_tokens
-                cost = own[i]
-            else:
-                width = self.prompt_width + (int(lens[parts[-1][0]]) if parts else 0)
-                fits = parts and (len(parts[-1]) + 1) * width <= max_tokens
-                cost = 0
-            if fits:
+                used = used + own[i] if parts else own[i]
+            elif parts:  # every row of a part padded to its first (longest) completion
+                used = (len(parts[-1]) + 1) * (self.prompt_width + int(lens[parts[-1][0]]))
+            if parts and used <= max_tokens:
                 parts[-1].append(i)
-                used += cost
             else:
                 parts.append([i])
-                used = cost
+                used = own[i] if real else 0
         return [torch.tensor(p) for p in parts]
 
     def micro_batches(self, n: int) -> list[tuple[torch.Tensor, "UpdateBatch"]]:
