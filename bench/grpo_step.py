@@ -132,7 +132,9 @@ def run_align(a) -> dict:
 
 def rollout_probe(run, a) -> dict:
     """The engine alone at the full GRPO shape before the steps: ``--rollout-probe`` prompts x ``--group`` samples
-    x ``--new-tokens``, T=1, per-prompt seeds (what ``align grpo`` sends), after one small warm-up call."""
+    x ``--new-tokens``, T=1, per-prompt seeds (what ``align grpo`` sends), after one small warm-up call.
+    ``--probe-outputs both`` also times vLLM's own per-step detokenization and per-token logprob dicts (the engine's
+    ``lean_outputs`` off), interleaved with the default, same engine."""
     from rollout import SamplingSettings, render_prompts
 
     prompts = render_prompts(run.policy.tokenizer, [r["prompt"] for r in prompt_rows(a.rollout_probe,
@@ -140,12 +142,20 @@ def rollout_probe(run, a) -> dict:
     settings = SamplingSettings(n=a.group, temperature=1.0, max_new_tokens=a.new_tokens, seed=7,
                                 seeds=list(range(len(prompts))))
     run.engine.generate(prompts[:4], dataclasses.replace(settings, seeds=settings.seeds[:4]))
-    torch.cuda.synchronize() if a.device == "cuda" else None
-    t = time.perf_counter()
-    out = run.engine.generate(prompts, settings)
-    secs = time.perf_counter() - t
-    toks = sum(len(c.token_ids) for ro in out for c in ro.completions)
-    res = {"requests": len(prompts) * a.group, "tokens": toks, "seconds": secs, "tok_s": toks / secs}
+    variants = {"lean": True, "engine_text": False} if a.probe_outputs == "both" else {"lean": True}
+    res: dict = {"requests": len(prompts) * a.group}
+    for name, lean in list(variants.items()) * (2 if len(variants) > 1 else 1):
+        run.engine.lean_outputs = lean
+        torch.cuda.synchronize() if a.device == "cuda" else None
+        t = time.perf_counter()
+        out = run.engine.generate(prompts, settings)
+        secs = time.perf_counter() - t
+        toks = sum(len(c.token_ids) for ro in out for c in ro.completions)
+        res.setdefault(name, []).append({"tokens": toks, "seconds": secs, "tok_s": toks / secs})
+    run.engine.lean_outputs = True
+    res["tok_s"] = max(r["tok_s"] for r in res["lean"])
+    if "engine_text" in res:
+        res["lean_vs_engine_text"] = res["tok_s"] / max(r["tok_s"] for r in res["engine_text"])
     print(json.dumps({"rollout_probe": res}), flush=True)
     return res
 
@@ -217,6 +227,8 @@ def main() -> None:
     ap.add_argument("--no-align", action="store_true")
     ap.add_argument("--rollout-probe", type=int, default=0,
                     help="first time the engine alone on this many prompts x --group (e.g. 64: the GRPO shape)")
+    ap.add_argument("--probe-outputs", default="lean", choices=["lean", "both"],
+                    help="both: also time the probe with vLLM's per-step detokenization and logprob dicts")
     ap.add_argument("--set", nargs="*", default=[], help="extra key.sub=value overrides for align")
     ap.add_argument("--name", default=None)
     a = ap.parse_args()

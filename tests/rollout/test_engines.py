@@ -89,3 +89,21 @@ def test_hf_fallback_same_interface(setup):
     assert [len(ro.completions) for ro in out] == [3, 3]
     c = out[0].completions[0]
     assert len(c.logprobs) == len(c.token_ids) and c.finish_reason in ("stop", "length")
+
+
+def test_lean_outputs_equal_vllm_text_and_logprob_dicts(setup):
+    """Text decoded once at the end and flat logprobs = vLLM's per-step detokenization and per-token dicts."""
+    _, engine, prompts = setup
+    settings = SamplingSettings(n=3, temperature=1.0, max_new_tokens=16, seeds=list(range(len(prompts))))
+    assert engine.lean_outputs
+    lean = [c for ro in engine.generate(prompts, settings) for c in ro.completions]
+    engine.lean_outputs = False
+    try:
+        full = [c for ro in engine.generate(prompts, settings) for c in ro.completions]
+    finally:
+        engine.lean_outputs = True
+    assert [c.token_ids for c in lean] == [c.token_ids for c in full]
+    assert [c.text for c in lean] == [c.text for c in full] and any(c.text for c in lean)
+    assert [c.logprobs for c in lean] == [c.logprobs for c in full]
+    assert all(len(c.logprobs) == len(c.token_ids) for c in lean)
+    assert [c.finish_reason for c in lean] == [c.finish_reason for c in full]
