@@ -53,15 +53,16 @@ def synthetic_batch(n: int, max_prompt: int, max_completion: int, vocab: int, se
     return build_batch(prompts, comps, torch.randn(n, generator=g), 0, mask_truncated=True)
 
 
-def rollout_like_batch(n: int, vocab: int, cap: int = 256, seed: int = 0) -> UpdateBatch:
+def rollout_like_batch(n: int, vocab: int, cap: int = 256, seed: int = 0, fixed: int = 0) -> UpdateBatch:
     """``n`` rows shaped like math_rl.yaml's rollouts on the H200: prompts of 40-150 tokens, completions
-    exponential with scale 174 cut at ``cap`` (mean ~134, 23% cut; measured: mean 127, 23% cut)."""
+    exponential with scale 174 cut at ``cap`` (mean ~134, 23% cut; measured: mean 127, 23% cut), or all of
+    ``fixed`` tokens (what random weights sample in ``bench/grpo_step.py``: they never emit EOS)."""
     g = torch.Generator().manual_seed(seed)
     prompts, comps = [], []
     for i in range(n):
         if i % 16 == 0:
             prompt = torch.randint(3, vocab, (int(torch.randint(40, 151, (1,), generator=g)),), generator=g).tolist()
-        k = max(1, min(cap, int(torch.empty(1).exponential_(1 / 174, generator=g))))
+        k = fixed or max(1, min(cap, int(torch.empty(1).exponential_(1 / 174, generator=g))))
         prompts.append(prompt)
         comps.append(Completion(torch.randint(3, vocab, (k,), generator=g).tolist(), "", [-1.0] * k,
                                 "length" if k == cap else "stop"))
@@ -131,13 +132,16 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--rollout-shape", action="store_true",
                     help="1,024 rows shaped like math_rl.yaml's rollouts, minibatches of 256 (issue 17's shape)")
     ap.add_argument("--rollout-rows", type=int, default=1024, help="rows of --rollout-shape (minibatches of a quarter)")
+    ap.add_argument("--completion-len", type=int, default=0,
+                    help="with --rollout-shape: every completion this long (as random weights sample them)")
     ap.add_argument("--budgets", nargs="*", type=int, default=[],
                     help="extra rows with grpo.max_tokens_per_micro_batch=B (no-grad passes 4B), grouped by length")
     ap.add_argument("--pack", type=int, nargs="*", default=[],
                     help="with --budgets: each budget also packed in rows of each of these sizes (grpo.pack_tokens; "
-                         "budgets then count real tokens), the largest also without recomputation")
+                         "budgets then count real tokens), the first also without recomputation")
     ap.add_argument("--name", default=None)
     ap.add_argument("--skip-defaults", action="store_true", help="no rows before the budget rows except the first")
+    ap.add_argument("--no-baseline", action="store_true", help="not even the first: ratios compare with the next row")
     return ap.parse_args()
 
 
@@ -159,10 +163,10 @@ def plan_rows(a) -> list[tuple]:
         for rows in a.pack:
             plan.append((f"{packed} {rows}, every layer recomputed", -b, True, ("pack", rows)))
         if a.pack:
-            plan.append((f"{packed} {max(a.pack)}, no recomputation", -b, False, ("pack", max(a.pack))))
+            plan.append((f"{packed} {a.pack[0]}, no recomputation", -b, False, ("pack", a.pack[0])))
     if a.compile_layers:
         plan.append((f"{tuned} grouped by length, no recomputation, compiled decoder layers", a.micro, False, "compile"))
-    return plan
+    return plan[1:] if a.no_baseline and len(plan) > 1 else plan
 
 
 def add_ratios(rows: dict, base: dict) -> None:
@@ -185,7 +189,8 @@ def main() -> None:
     policy = Policy(model=model, tokenizer=None, base_path="random")
     vocab = min(1000, model.config.vocab_size)
     if a.rollout_shape:
-        batch = rollout_like_batch(a.rollout_rows if v2 else 64, vocab, 256 if v2 else 24).to(device)
+        batch = rollout_like_batch(a.rollout_rows if v2 else 64, vocab, 256 if v2 else 24,
+                                   fixed=a.completion_len).to(device)
     else:
         batch = synthetic_batch(a.rows, 256 if v2 else 16, 1792 if v2 else 48, vocab).to(device)
     res = {"shape": a.shape, "rows_per_minibatch": a.rows, "micro_batch_size": a.micro,

@@ -48,9 +48,14 @@ case "$1" in
       | tee "$OUT/rollout_moe.log"
     ;;
   update)
-    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 580 python bench/grpo_update.py --rollout-shape \
-      --rollout-rows 256 --steps 1 --skip-defaults --budgets 16384 --pack 1024 4096 \
-      --name grpo_update_rollout_v2-lite_cuda 2>&1 | grep -v "^\s*$" | tee "$OUT/grpo_update.log" | tail -80
+    # rows of 1,024 (math_rl.yaml) against 512 and 2,048 and against no recomputation, on ragged completions; then
+    # every completion 256 tokens, as random weights sample them inside bench/grpo_step.py's steps
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 400 python bench/grpo_update.py --rollout-shape \
+      --rollout-rows 256 --steps 1 --skip-defaults --budgets 16384 --pack 1024 512 2048 \
+      --name grpo_update_rollout_v2-lite_cuda 2>&1 | grep -v "^\s*$" | tee "$OUT/grpo_update.log" | tail -60
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 170 python bench/grpo_update.py --rollout-shape \
+      --rollout-rows 256 --completion-len 256 --steps 1 --skip-defaults --no-baseline --budgets 16384 --pack 1024 \
+      --name grpo_update_fixed256_v2-lite_cuda 2>&1 | grep -v "^\s*$" | tee "$OUT/grpo_update_fixed.log" | tail -30
     ;;
 esac
 find bench/results -name '*.json' -newer /tmp/stage_start -exec cp {} "$OUT/" \;  # this stage's only

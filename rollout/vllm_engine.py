@@ -135,9 +135,9 @@ def _sampled_logprobs(sample, ids: list[int]) -> list[float]:
 
 # GPU defaults (``rollout.engine_kwargs`` overrides each): full CUDA graphs for decode without torch.compile, and at
 # most 512 running requests, vLLM's largest captured graph (more run eagerly). On the H200 at V2-Lite shape
-# (bench/results/grpo_step_v2-lite_16x16_cuda.json, two runs): start-up 28.6 and 44.6 s, 1,024 requests at 12.3k
-# tok/s; earlier runs with vLLM's compiled piecewise graphs and up to 1,024 running: 111-117 s and 6.7k-7.8k tok/s.
-# In-step rollout and train/infer mismatch as before (11.6k tok/s at 256 requests, 0.028 nats/token).
+# (bench/results/grpo_step_v2-lite_16x16_session2_cuda.json, two runs): start-up 28.6 and 44.6 s, 1,024 requests at
+# 12.3k tok/s; earlier runs with vLLM's compiled piecewise graphs and up to 1,024 running: 111-117 s and 6.7k-7.8k
+# tok/s. With lean outputs too (grpo_step_v2-lite_16x16_cuda.json): 28.4 s and 20.8k tok/s, mismatch 0.028.
 GPU_GRAPHS = {"compilation_config": {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}, "max_num_seqs": 512}
 
 

@@ -11,6 +11,10 @@ from align.grpo.packing import pack
 from align.kernels import fused_logp_from_logits
 from align.moe import routed_tokens
 
+# Packed rows' widths are multiples of this (at most 1/8 of a 1,024-token row as filler, and at most 8 shapes per
+# row size): shapes repeat from one micro-batch and step to the next.
+PACK_MULTIPLE = 128
+
 
 def _decoder_and_head(model: torch.nn.Module):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -75,7 +79,7 @@ def completion_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attenti
 
 def _packed_logprobs(decoder, head, input_ids, attention_mask, prompt_width, temperature, chunk_tokens,
                      with_entropy, pack_tokens):
-    pk = pack(input_ids, attention_mask, prompt_width, pack_tokens)
+    pk = pack(input_ids, attention_mask, prompt_width, pack_tokens, multiple=min(PACK_MULTIPLE, pack_tokens))
     # No attention mask: transformers reads the restarting positions as sequence boundaries.
     with routed_tokens(pk.real.reshape(-1)):
         hidden = decoder(input_ids=pk.input_ids, position_ids=pk.position_ids, use_cache=False).last_hidden_state

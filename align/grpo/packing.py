@@ -52,8 +52,11 @@ def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int, row_tokens: int,
-         pad_id: int = 0) -> Packed:
+         pad_id: int = 0, multiple: int = 1) -> Packed:
     """Pack a left-padded-prompt / right-padded-completion batch ([N, P + C], see ``UpdateBatch``).
+
+    The rows' width is rounded up to ``multiple`` (filler): micro-batches then share a few shapes, so
+    shape-keyed work on the GPU (cuDNN attention plans, kernel specialisations) is not redone for every one.
 
     Row i's real tokens are the contiguous span ``[P - prompt_len_i, P + completion_len_i)``; its completion
     token j is predicted by the hidden state one place before it in the packed row.
@@ -62,7 +65,7 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: in
     lens_c = attention_mask[:, prompt_width:].sum(-1).tolist()
     lengths = [p + c for p, c in zip(lens_p, lens_c)]
     bins = first_fit(lengths, max(row_tokens, max(lengths, default=1)))
-    width = max(sum(lengths[i] for i in b) for b in bins)
+    width = -(-max(sum(lengths[i] for i in b) for b in bins) // multiple) * multiple
     n_cols = input_ids.shape[1]
     take = torch.full((len(bins), width), -1, dtype=torch.long)
     pos = torch.zeros((len(bins), width), dtype=torch.long)

@@ -59,6 +59,21 @@ def test_pack_lays_real_tokens_end_to_end_with_restarting_positions():
     assert two.position_ids[1].tolist() == [0, 1, 2, 3, 0]  # the filler restarts too
 
 
+def test_packed_widths_round_up_to_the_multiple_so_shapes_repeat():
+    g = torch.Generator().manual_seed(0)
+    widths = set()
+    for _ in range(6):
+        prompts = [torch.randint(3, 50, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist()
+                   for _ in range(12)]
+        comps = [Completion([5] * int(torch.randint(1, 20, (1,), generator=g)), "", [], "stop") for _ in range(12)]
+        b = build_batch(prompts, comps, torch.zeros(12), 0)
+        assert pack(b.input_ids, b.attention_mask, b.prompt_width, 40).shape[1] <= 40
+        pk = pack(b.input_ids, b.attention_mask, b.prompt_width, 40, multiple=16)
+        widths.add(pk.shape[1])
+        assert pk.shape[1] % 16 == 0 and int(pk.real.sum()) == int(b.attention_mask.sum())
+    assert widths <= {32, 48}
+
+
 @pytest.mark.parametrize("row_tokens", [1, 12, 10_000])
 def test_packed_logprobs_equal_padded(row_tokens):
     """One row per sequence (1), a few rows (12) and one row holding everything: every real completion token's
