@@ -57,7 +57,8 @@ def _stage(run, cfg) -> int:
 def _brief(summary: dict) -> str:
     """The few numbers that matter; everything is in ``<output.dir>/summary.json``."""
     before, after = summary.get("held_out_before") or {}, summary.get("held_out_after") or {}
-    lines = [f"{summary.get('stage')}: {summary.get('steps')} steps in {summary.get('wall_s')} s -> {summary.get('final')}"]
+    get = summary.get
+    lines = [f"{get('stage')}: {get('steps')} steps in {get('wall_s')} s -> {get('final')}"]
     for k in ("greedy_accuracy", "sampled_accuracy", "sampled_pass@4"):
         if isinstance(after.get(k), float):
             was = f"{100 * before[k]:.1f} -> " if isinstance(before.get(k), float) else ""
@@ -111,10 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
         return sp
 
-    with_recipe(sub.add_parser("sft", help="supervised fine-tuning -> Chat (SFT) checkpoint",
-                               description="Fine-tune with LoRA (or fully) on chat data; writes <output.dir>/final.")).set_defaults(fn=cmd_sft)
-    with_recipe(sub.add_parser("grpo", help="GRPO with rule-based rewards -> Chat (RL) checkpoint",
-                               description="GRPO from an SFT checkpoint; writes <output.dir>/final.")).set_defaults(fn=cmd_grpo)
+    sft = sub.add_parser("sft", help="supervised fine-tuning -> Chat (SFT) checkpoint",
+                         description="Fine-tune with LoRA (or fully) on chat data; writes <output.dir>/final.")
+    with_recipe(sft).set_defaults(fn=cmd_sft)
+    grpo = sub.add_parser("grpo", help="GRPO with rule-based rewards -> Chat (RL) checkpoint",
+                          description="GRPO from an SFT checkpoint; writes <output.dir>/final.")
+    with_recipe(grpo).set_defaults(fn=cmd_grpo)
     c = with_recipe(sub.add_parser("config", help="print the resolved config (or --doc: every key)"))
     c.add_argument("--doc", action="store_true", help="print every config key with its type, default and meaning")
     c.set_defaults(fn=cmd_config)
@@ -143,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from rewards.sandbox import SandboxUnavailable
     from rollout.base import EngineError

@@ -48,16 +48,23 @@ class TinyModelConfig:
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = _f("tiny", "Hub id or local path of a DeepSeek-V2 model or align checkpoint; 'tiny' builds the embedded random model.")
+    name_or_path: str = _f("tiny", "Hub id or local path of a DeepSeek-V2 model or align checkpoint; 'tiny' builds the "
+                                   "embedded random model.")
     tiny: TinyModelConfig = _sub(TinyModelConfig, "Shape of the embedded tiny model.")
     dtype: str = _f("float32", "Weights dtype: float32, bfloat16 or float16.")
     attn_implementation: str = _f("sdpa", "transformers attention: eager, sdpa, flash_attention_2.")
-    experts_implementation: str = _f("auto", "Routed-experts kernel: auto (grouped_mm on GPU, eager on CPU), eager, grouped_mm, batched_mm.")
+    experts_implementation: str = _f("auto", "Routed-experts kernel: auto (grouped_mm on GPU, eager on CPU), eager, "
+                                             "grouped_mm, batched_mm.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
-    recompute_layers: int = _f(-1, "With gradient_checkpointing: recompute only the first N decoder layers and keep the other layers' activations (faster, more memory); -1 recomputes every layer.")
-    fused_kernels: bool = _f(True, "On GPUs, compiled RMSNorm, rope and log-softmax (align/kernels/patches.py); no effect on the CPU.")
-    compile_layers: bool = _f(False, "On GPUs, torch.compile every decoder layer that is not recomputed, for training forwards (see model.recompute_layers; the first steps spend a minute or two compiling); no effect on the CPU.")
-    trust_remote_code: bool = _f(False, "Allow hub models with custom code (not needed for DeepSeek-V2 on transformers>=5).")
+    recompute_layers: int = _f(-1, "With gradient_checkpointing: recompute only the first N decoder layers and keep "
+                                   "the other layers' activations (faster, more memory); -1 recomputes every layer.")
+    fused_kernels: bool = _f(True, "On GPUs, compiled RMSNorm, rope and log-softmax (align/kernels/patches.py); no "
+                                   "effect on the CPU.")
+    compile_layers: bool = _f(False, "On GPUs, torch.compile every decoder layer that is not recomputed, for training "
+                                     "forwards (see model.recompute_layers; the first steps spend a minute or two "
+                                     "compiling); no effect on the CPU.")
+    trust_remote_code: bool = _f(False, "Allow hub models with custom code (not needed for DeepSeek-V2 on "
+                                        "transformers>=5).")
 
 
 @dataclass
@@ -66,14 +73,20 @@ class LoraConfig:
     r: int = _f(16, "LoRA rank.")
     alpha: int = _f(32, "LoRA alpha (scale = alpha / r).")
     dropout: float = _f(0.0, "LoRA dropout.")
-    attention: bool = _f(True, "Adapt MLA projections (q_proj/q_a_proj/q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj).")
+    attention: bool = _f(True, "Adapt MLA projections (q_proj/q_a_proj/q_b_proj, kv_a_proj_with_mqa, kv_b_proj, "
+                               "o_proj).")
     dense_mlp: bool = _f(True, "Adapt dense MLPs (first_k_dense_replace layers).")
     shared_experts: bool = _f(True, "Adapt shared-expert MLPs.")
-    routed_experts: bool = _f(True, "Adapt fused routed experts (experts.gate_up_proj, experts.down_proj) via target_parameters.")
+    routed_experts: bool = _f(True, "Adapt fused routed experts (experts.gate_up_proj, experts.down_proj) via "
+                                    "target_parameters.")
     train_router: bool = _f(False, "Train the MoE router (gate) weights; frozen by default.")
-    grouped_experts: bool = _f(True, "Apply routed-expert LoRA as grouped low-rank products instead of PEFT's W + ΔW stack (same function, align/expert_lora.py).")
-    addmm_dense: bool = _f(True, "Apply dense LoRA (attention, shared experts, dense MLP) as one addmm, base + x·A·(sB), instead of PEFT's separate scale and add (same function, align/dense_lora.py).")
-    adapter_dtype: str = _f("float32", "LoRA weight dtype: float32 (PEFT's default) or bfloat16 (faster on GPUs: no fp32 casts around every adapter matmul).")
+    grouped_experts: bool = _f(True, "Apply routed-expert LoRA as grouped low-rank products instead of PEFT's W + ΔW "
+                                     "stack (same function, align/expert_lora.py).")
+    addmm_dense: bool = _f(True, "Apply dense LoRA (attention, shared experts, dense MLP) as one addmm, base + "
+                                 "x·A·(sB), instead of PEFT's separate scale and add (same function, "
+                                 "align/dense_lora.py).")
+    adapter_dtype: str = _f("float32", "LoRA weight dtype: float32 (PEFT's default) or bfloat16 (faster on GPUs: no "
+                                       "fp32 casts around every adapter matmul).")
     modules_to_save: list = _f([], "Modules trained in full besides LoRA, e.g. [embed_tokens, lm_head].")
 
 
@@ -84,7 +97,8 @@ class SyntheticConfig:
     max_operand: int = _f(30, "Operands are drawn from 0..max_operand.")
     num_terms: list = _f([2], "How many operands a problem may have (chosen uniformly).")
     ops: str = _f("+", "Operators drawn from this string, e.g. '+-'.")
-    noise: float = _f(0.0, "Fraction of training answers replaced by a near miss (a noisy teacher); held-out gold stays exact.")
+    noise: float = _f(0.0, "Fraction of training answers replaced by a near miss (a noisy teacher); held-out gold "
+                           "stays exact.")
     seed: int = _f(1234, "Seed of the generator.")
 
 
@@ -122,7 +136,9 @@ class TrainConfig:
     save_total_limit: int = _f(2, "Keep at most this many periodic checkpoints.")
     resume: bool = _f(False, "Continue from the newest checkpoint in output.dir.")
     num_threads: int = _f(0, "torch CPU threads; 0 keeps torch's default.")
-    report_to: list = _f([], "Trackers besides metrics.jsonl and TensorBoard: wandb, mlflow, trackio (each needs its package; project from WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME / TRACKIO_PROJECT, default 'align').")
+    report_to: list = _f([], "Trackers besides metrics.jsonl and TensorBoard: wandb, mlflow, trackio (each needs its "
+                             "package; project from WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME / TRACKIO_PROJECT, default "
+                             "'align').")
 
 
 @dataclass
@@ -143,20 +159,34 @@ class RolloutConfig:
     max_new_tokens: int = _f(32, "Longest completion; longer ones finish with reason 'length'.")
     stop: list = _f([], "Extra stop strings.")
     gpu_memory_utilization: float = _f(0.3, "vLLM memory fraction (on CPU: share of the KV cache space).")
-    tensor_parallel_size: int = _f(1, "vLLM tensor parallel degree; under several processes k consecutive ranks share one engine.")
-    enforce_eager: bool | None = _f(None, "vLLM without CUDA graphs / compile (faster start, slower decode); unset: eager on the CPU, CUDA graphs on GPUs (5.8x the eager decode at V2-Lite, batch 64).")
-    sleep_level: int = _f(2, "vLLM sleep between rollouts on GPUs: 2 drops weights and KV cache (all weights re-synced each step, ~2 s at V2-Lite), 1 copies weights to host memory (18-45 s at V2-Lite), 0 keeps the memory. The CPU has no sleep mode.")
-    per_prompt_seeds: bool = _f(True, "Seed every prompt's requests: samples independent of batch and rank layout (equal runs at any world size). false: vLLM requests carry no seed and each generate call is seeded as a whole (same samples after a resume, layout-dependent).")
+    kv_cache_gib: float = _f(0.0, "GPU: vLLM's KV cache in GiB (its kv_cache_memory_bytes), whatever the GPU's size; "
+                                  "0: sized by gpu_memory_utilization. Ignored on the CPU.")
+    tensor_parallel_size: int = _f(1, "vLLM tensor parallel degree; under several processes k consecutive ranks share "
+                                      "one engine.")
+    enforce_eager: bool | None = _f(None, "vLLM without CUDA graphs / compile (faster start, slower decode); unset: "
+                                          "eager on the CPU, CUDA graphs on GPUs (5.8x the eager decode at V2-Lite, "
+                                          "batch 64).")
+    sleep_level: int = _f(2, "vLLM sleep between rollouts on GPUs: 2 drops weights and KV cache (all weights re-synced "
+                             "each step, ~2 s at V2-Lite), 1 copies weights to host memory (18-45 s at V2-Lite), 0 "
+                             "keeps the memory. The CPU has no sleep mode.")
+    per_prompt_seeds: bool = _f(True, "Seed every prompt's requests: samples independent of batch and rank layout "
+                                      "(equal runs at any world size). false: vLLM requests carry no seed and each "
+                                      "generate call is seeded as a whole (same samples after a resume, "
+                                      "layout-dependent).")
     engine_kwargs: dict = _f({}, "Extra vllm.LLM keyword arguments, e.g. {max_num_seqs: 512}.")
     seed: int = _f(0, "Sampling seed.")
 
 
 @dataclass
 class RewardConfig:
-    functions: dict = _f({"math": 1.0}, "Reward name -> weight: math, code, format, or the dotted path of your own function with TRL's signature fn(completions, **columns) (e.g. my_pkg.rewards.brevity: 0.1).")
+    functions: dict = _f({"math": 1.0}, "Reward name -> weight: math, code, format, or the dotted path of your own "
+                                        "function with TRL's signature fn(completions, **columns) (e.g. "
+                                        "my_pkg.rewards.brevity: 0.1).")
     timeout_s: float = _f(5.0, "Per-sample verification time limit.")
     workers: int = _f(0, "Scoring processes; 0 = number of cores (the code sandbox runs twice as many runs at once).")
-    allow_unisolated_code: bool = _f(False, "Let the code reward run candidates without namespaces and separate uids (machines without root): UNSAFE, candidates can then read this user's files and environment.")
+    allow_unisolated_code: bool = _f(False, "Let the code reward run candidates without namespaces and separate uids "
+                                            "(machines without root): UNSAFE, candidates can then read this user's "
+                                            "files and environment.")
 
 
 @dataclass
@@ -171,10 +201,18 @@ class GRPOConfig:
     kl_estimator: str = _f("k3", "KL estimator: k1, k2, k3.")
     mu: int = _f(1, "Update iterations per batch of rollouts.")
     minibatch_size: int = _f(64, "Sequences per optimizer minibatch over all processes.")
-    micro_batch_size: int = _f(0, "Sequences per forward/backward on each process inside a minibatch (gradients accumulate; rows grouped by length, padding trimmed); 0 runs the whole local minibatch at once.")
-    max_tokens_per_micro_batch: int = _f(0, "Token budget of each forward/backward inside a minibatch (rows x padded width; rows grouped by length, long rows alone), instead of grpo.micro_batch_size rows; 0 uses micro_batch_size.")
-    logprob_tokens_per_micro_batch: int = _f(0, "Token budget of the no-grad old/reference log-prob passes (larger than the update's: no backward); 0 = max_tokens_per_micro_batch. Under router replay the old pass keeps the update's parts.")
-    pack_tokens: int = _f(0, "Padding-free packing: each forward takes the real tokens of its micro-batch end to end in rows of about this many (positions restart per sequence, attention never crosses sequences); token budgets then count real tokens. 0: padded rows.")
+    micro_batch_size: int = _f(0, "Sequences per forward/backward on each process inside a minibatch (gradients "
+                                  "accumulate; rows grouped by length, padding trimmed); 0 runs the whole local "
+                                  "minibatch at once.")
+    max_tokens_per_micro_batch: int = _f(0, "Token budget of each forward/backward inside a minibatch (rows x padded "
+                                            "width; rows grouped by length, long rows alone), instead of "
+                                            "grpo.micro_batch_size rows; 0 uses micro_batch_size.")
+    logprob_tokens_per_micro_batch: int = _f(0, "Token budget of the no-grad old/reference log-prob passes (larger "
+                                                "than the update's: no backward); 0 = max_tokens_per_micro_batch. "
+                                                "Under router replay the old pass keeps the update's parts.")
+    pack_tokens: int = _f(0, "Padding-free packing: each forward takes the real tokens of its micro-batch end to end "
+                             "in rows of about this many (positions restart per sequence, attention never crosses "
+                             "sequences); token budgets then count real tokens. 0: padded rows.")
     dynamic_sampling: bool = _f(False, "Drop groups whose rewards are all equal.")
     mask_truncated: bool = _f(True, "Exclude completions cut at max_new_tokens from the loss.")
     tis_cap: float = _f(0.0, "Truncated importance-sampling cap for train/infer mismatch; 0 disables.")

@@ -149,7 +149,8 @@ def sft_rows(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
         train, held = synthetic_splits(cfg.synthetic)
     else:
         train = load_rows(cfg.train, cfg.split, cfg.subset, cfg.columns)
-        held = load_rows(cfg.eval, cfg.eval_split, cfg.subset, cfg.columns) if cfg.eval and cfg.eval != SYNTHETIC else []
+        has_eval = cfg.eval and cfg.eval != SYNTHETIC
+        held = load_rows(cfg.eval, cfg.eval_split, cfg.subset, cfg.columns) if has_eval else []
     check_chat_rows(train, cfg.train, cfg.messages_field)
     if cfg.eval == SYNTHETIC and cfg.train != SYNTHETIC:
         held = synthetic_splits(cfg.synthetic)[1]

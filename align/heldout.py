@@ -63,7 +63,8 @@ def evaluate(engine, tokenizer, rows: list[dict], weights: dict[str, float], set
             completions.append(comp.text)
             for c in columns:
                 cols[c].append(row.get(c))
-    total, per, reasons = Combined(weights).score(completions, **{c: v for c, v in cols.items() if any(x is not None for x in v)})
+    present = {c: v for c, v in cols.items() if any(x is not None for x in v)}
+    total, per, reasons = Combined(weights).score(completions, **present)
     samples, first, passk, unscorable = [], [], {k: [] for k in ks}, 0
     n = settings.n
     for i, (row, ro) in enumerate(zip(rows, rollouts)):

@@ -87,7 +87,8 @@ def _token_objective(logp, old_logp, advantages, mask, eps_low, eps_high, ref_lo
     per_token, clip_hit = _clipped_pg(ratio, advantages, eps_low, eps_high)
     if tis_weights is not None:
         per_token = per_token * tis_weights
-    metrics = {"actor/clipfrac": _masked_mean(clip_hit.float(), mask), "actor/ratio_mean": _masked_mean(ratio.detach(), mask)}
+    metrics = {"actor/clipfrac": _masked_mean(clip_hit.float(), mask),
+               "actor/ratio_mean": _masked_mean(ratio.detach(), mask)}
     if beta and ref_logp is not None:
         kl = kl_penalty(logp, ref_logp, kl_estimator)
         per_token = per_token + beta * kl
@@ -133,7 +134,8 @@ def gspo_loss(logp, old_logp, advantages, mask, *, epsilon=3e-4, epsilon_high=4e
     per_token, clip_hit = _clipped_pg(ratio, advantages, epsilon, epsilon_high)
     if tis_weights is not None:
         per_token = per_token * tis_weights
-    metrics = {"actor/clipfrac": float(clip_hit[:, 0].float().mean()), "actor/ratio_mean": float(ratio[:, 0].detach().mean())}
+    metrics = {"actor/clipfrac": float(clip_hit[:, 0].float().mean()),
+               "actor/ratio_mean": float(ratio[:, 0].detach().mean())}
     if beta and ref_logp is not None:
         kl = kl_penalty(logp, ref_logp, kl_estimator)
         per_token = per_token + beta * kl

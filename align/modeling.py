@@ -159,12 +159,14 @@ def load_full_checkpoint(model: torch.nn.Module, directory: str | Path) -> None:
 
     directory = Path(directory)
     index = directory / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+             else ["model.safetensors"])
     state: dict[str, torch.Tensor] = {}
     for name in files:
         state.update(load_file(directory / name, device="cpu"))
     result = model.load_state_dict(fuse_experts(state), strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("lm_head.weight") or not model.config.tie_word_embeddings]
+    tied = model.config.tie_word_embeddings
+    missing = [k for k in result.missing_keys if not k.endswith("lm_head.weight") or not tied]
     if missing or result.unexpected_keys:
         raise AlignError(f"{directory}: checkpoint does not match the model (missing {missing[:4]}, "
                          f"unexpected {result.unexpected_keys[:4]})")

@@ -138,7 +138,8 @@ def commit_dir(staging: Path, final: Path) -> None:
 def checkpoints(ckpt_root: Path, prefix: str = "checkpoint-") -> list[Path]:
     if not ckpt_root.is_dir():
         return []
-    found = [p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith(prefix) and p.name[len(prefix):].isdigit()]
+    found = [p for p in ckpt_root.iterdir()
+             if p.is_dir() and p.name.startswith(prefix) and p.name[len(prefix):].isdigit()]
     return sorted(found, key=lambda p: int(p.name[len(prefix):]))
 
 

@@ -73,8 +73,8 @@ def hf_generate(model, ids, mask, new: int, device):
     sync(device)
     secs = time.perf_counter() - t
     cache = out.past_key_values
-    tensors = [t for layer in getattr(cache, "layers", []) for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
-               if isinstance(t, torch.Tensor)]
+    tensors = [t for layer in getattr(cache, "layers", [])
+               for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor)]
     kv_bytes = sum(t.numel() * t.element_size() for t in tensors) / (ids.shape[0] * (ids.shape[1] + new - 1))
     new_tokens = out.sequences[:, ids.shape[1]:]
     logp = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)

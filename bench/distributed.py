@@ -37,7 +37,8 @@ def _launch(config: str | None, nproc: int, stage: str, recipe: str, out: Path, 
                str(ROOT / config), "--num_processes", str(nproc), "-m", "align.cli"]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "recipes" / "accelerate" / f"{config}.yaml"), "--num_processes", str(nproc), "-m", "align.cli"]
+               str(ROOT / "recipes" / "accelerate" / f"{config}.yaml"), "--num_processes", str(nproc),
+               "-m", "align.cli"]
     cmd += [stage, str(ROOT / "recipes" / recipe), f"output.dir={out}", "output.overwrite=true", *overrides]
     env = dict(os.environ)
     if config is None:
@@ -84,7 +85,8 @@ def main() -> None:
         result["runs"][f"{stage}/single"] = {k: v for k, v in ref.items() if k != "rows"}
         print(stage, "single", ref["ok"], ref["wall_s"], flush=True)
         for config in args.configs.split(","):
-            got = _launch(config, args.nproc, stage, recipe, Path(args.work) / f"{stage}_{Path(config).stem}", overrides)
+            work = Path(args.work) / f"{stage}_{Path(config).stem}"
+            got = _launch(config, args.nproc, stage, recipe, work, overrides)
             entry = {k: v for k, v in got.items() if k != "rows"}
             if got["ok"] and ref["ok"]:
                 entry.update(_compare(ref["rows"], got["rows"], KEYS[stage]))
@@ -92,8 +94,10 @@ def main() -> None:
             result["runs"][f"{stage}/{config}"] = entry
             print(stage, config, json.dumps(entry)[:600], flush=True)
         if ref["ok"]:
-            result["runs"][f"{stage}/single"]["curve"] = [{k: r.get(k) for k in ("step", *KEYS[stage])} for r in ref["rows"]]
-    out = Path(args.out or ROOT / "bench" / "results" / f"distributed_{'cuda' if torch.cuda.is_available() else 'cpu'}.json")
+            curve = [{k: r.get(k) for k in ("step", *KEYS[stage])} for r in ref["rows"]]
+            result["runs"][f"{stage}/single"]["curve"] = curve
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(args.out or ROOT / "bench" / "results" / f"distributed_{device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print("wrote", out)

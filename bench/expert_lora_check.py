@@ -50,7 +50,8 @@ def main() -> None:
             if "lora_" not in n:  # base weights bf16, adapters fp32 (PEFT's default)
                 p.data = p.data.to(torch.bfloat16)
     grouped = Lever(model, use_grouped_expert_lora)
-    ids = torch.randint(3, min(1000, model.config.vocab_size), (2, 512), generator=torch.Generator().manual_seed(3)).to(device)
+    ids = torch.randint(3, min(1000, model.config.vocab_size), (2, 512),
+                        generator=torch.Generator().manual_seed(3)).to(device)
     ref_loss, ref = grads(model, ids, grouped, False)
     res = {"layers": 2, "tokens": ids.numel()}
     g_loss, g = grads(model, ids, grouped, True)
@@ -61,8 +62,8 @@ def main() -> None:
         half_grouped = Lever(half, use_grouped_expert_lora)
         for on in (False, True):
             loss, gg = grads(half, ids, half_grouped, on)
-            res[f"bf16_{'grouped' if on else 'peft'}_vs_fp32"] = {"loss": loss, "max_rel_grad_err": max_rel_diff(gg, ref),
-                                                                   "loss_err": abs(loss - ref_loss)}
+            res[f"bf16_{'grouped' if on else 'peft'}_vs_fp32"] = {
+                "loss": loss, "max_rel_grad_err": max_rel_diff(gg, ref), "loss_err": abs(loss - ref_loss)}
     write(f"expert_lora_check_{device}", res)
 
 

@@ -118,8 +118,8 @@ def run_align(a) -> dict:
     for step in range(1, a.steps + 1):
         device_peak = DevicePeak(a.device)
         m = train_step(run, step)
-        steps.append({k: v for k, v in m.items() if k.startswith(("time/", "completion/", "throughput/", "mismatch/",
-                                                                  "batch/")) or k in ("sync/params", "actor/grad_norm")})
+        kept = ("time/", "completion/", "throughput/", "mismatch/", "batch/")
+        steps.append({k: v for k, v in m.items() if k.startswith(kept) or k in ("sync/params", "actor/grad_norm")})
         steps[-1]["share"] = phase_shares(m)
         steps[-1]["device_peak_gib"] = device_peak.close()
         print(json.dumps({"align_step": step, **steps[-1]}), flush=True)
@@ -195,7 +195,8 @@ def run_trl(a) -> dict:
     per_generation = a.prompts * a.group
     # One generation round = 4 optimizer steps (math_rl.yaml's 4 minibatches), each 4 accumulated micro-batches.
     args = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="trl-grpo-"), per_device_train_batch_size=per_generation // 16,
-                      gradient_accumulation_steps=4, steps_per_generation=16, num_generations=a.group, max_completion_length=a.new_tokens,
+                      gradient_accumulation_steps=4, steps_per_generation=16, num_generations=a.group,
+                      max_completion_length=a.new_tokens,
                       beta=cfg.grpo.beta, epsilon=cfg.grpo.epsilon, learning_rate=cfg.train.learning_rate,
                       max_steps=4 * (a.trl_rounds or a.steps), gradient_checkpointing=cfg.model.gradient_checkpointing,
                       bf16=dtype == torch.bfloat16, logging_steps=1, report_to=[], save_strategy="no",

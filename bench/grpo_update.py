@@ -158,14 +158,16 @@ def plan_rows(a) -> list[tuple]:
     elif a.skip_defaults:
         plan = plan[:1]
     for b in a.budgets:
-        plan.append((f"bf16 adapters, token budget {b} (no-grad passes {4 * b}), every layer recomputed", -b, True, None))
+        name = f"bf16 adapters, token budget {b} (no-grad passes {4 * b}), every layer recomputed"
+        plan.append((name, -b, True, None))
         packed = f"bf16 adapters, token budget {b} real tokens (no-grad passes {4 * b}), packed in rows of"
         for rows in a.pack:
             plan.append((f"{packed} {rows}, every layer recomputed", -b, True, ("pack", rows)))
         if a.pack:
             plan.append((f"{packed} {a.pack[0]}, no recomputation", -b, False, ("pack", a.pack[0])))
     if a.compile_layers:
-        plan.append((f"{tuned} grouped by length, no recomputation, compiled decoder layers", a.micro, False, "compile"))
+        name = f"{tuned} grouped by length, no recomputation, compiled decoder layers"
+        plan.append((name, a.micro, False, "compile"))
     return plan[1:] if a.no_baseline and len(plan) > 1 else plan
 
 

@@ -65,7 +65,8 @@ def main() -> None:
                  "grad_hidden_scale": float(gh_n.float().abs().max())}
     except torch.OutOfMemoryError:
         base, check = {"oom": True}, {}
-    ratio = base.get("peak_extra_gib", 0) / ours["peak_extra_gib"] if "peak_extra_gib" in ours and "peak_extra_gib" in base else None
+    both = "peak_extra_gib" in ours and "peak_extra_gib" in base
+    ratio = base["peak_extra_gib"] / ours["peak_extra_gib"] if both else None
     write(f"logprobs_{device}", {"tokens": a.batch * a.seq, "vocab": a.vocab, "naive": base, "chunked": ours,
                                   "memory_ratio_naive_over_chunked": ratio, "check": check})
 

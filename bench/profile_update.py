@@ -55,7 +55,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--no-ckpt", action="store_true")
-    ap.add_argument("--fp32-adapters", action="store_true", help="keep LoRA adapters in fp32 (the default before bf16 adapters)")
+    ap.add_argument("--fp32-adapters", action="store_true",
+                    help="keep LoRA adapters in fp32 (the default before bf16 adapters)")
     ap.add_argument("--unfused", action="store_true", help="do not compile RMSNorm / rope / SwiGLU")
     ap.add_argument("--peft-dense", action="store_true", help="PEFT's dense LoRA forward instead of one addmm")
     ap.add_argument("--recompute", type=int, default=-1, help="recompute only the first N decoder layers (-1: all)")
@@ -66,9 +67,10 @@ def main() -> None:
     model = build(V2_LITE, torch.bfloat16, "cuda")
     model.config.use_cache = False
     model = prepare_for_training(
-        model, ModelConfig(gradient_checkpointing=not a.no_ckpt, recompute_layers=a.recompute, fused_kernels=not a.unfused,
-                                compile_layers=a.compile_layers),
-        LoraConfig(r=16, alpha=32, addmm_dense=not a.peft_dense, adapter_dtype="float32" if a.fp32_adapters else "bfloat16"))
+        model, ModelConfig(gradient_checkpointing=not a.no_ckpt, recompute_layers=a.recompute,
+                           fused_kernels=not a.unfused, compile_layers=a.compile_layers),
+        LoraConfig(r=16, alpha=32, addmm_dense=not a.peft_dense,
+                   adapter_dtype="float32" if a.fp32_adapters else "bfloat16"))
     model.train()
     ids = torch.randint(3, 1000, (a.batch, a.seq), device="cuda")
     for _ in range(2):
@@ -76,7 +78,8 @@ def main() -> None:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     gaps = launch_gaps(lambda: step_fn(model, ids, True, a.mask).backward())
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]) as prof:
+    kinds = [torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=kinds) as prof:
         step_fn(model, ids, True, a.mask).backward()
         torch.cuda.synchronize()
     avg = prof.key_averages()

@@ -41,7 +41,7 @@ def humaneval(workers: int) -> dict:
     code_reward._SANDBOX = Sandbox(code_reward.SETTINGS["limits"], workers)
     t = time.perf_counter()
     out = code_reward.score_batch([r["canonical_solution"] for r in rows],
-                                  [{"prompt": r["prompt"], "test": r["test"], "entry_point": r["entry_point"]} for r in rows])
+                                  [{k: r[k] for k in ("prompt", "test", "entry_point")} for r in rows])
     secs = time.perf_counter() - t
     code_reward._SANDBOX = None
     return {"workers": workers, "problems": len(rows), "passed": sum(s == 1.0 for s, _ in out), "seconds": secs,
@@ -55,7 +55,8 @@ def main() -> None:
         t = time.perf_counter()
         box.run_tests("def f(x):\n    return x * 2\n", ["assert f(3) == 6"])
         lat.append(time.perf_counter() - t)
-    code = {"single_run_latency": percentiles(lat), "isolation": {k: v for k, v in isolation().items() if k != "cgroup_roots"}}
+    code = {"single_run_latency": percentiles(lat),
+            "isolation": {k: v for k, v in isolation().items() if k != "cgroup_roots"}}
     try:
         code["humaneval_canonical"] = [humaneval(w) for w in (2, 4)]
     except ImportError:

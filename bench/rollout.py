@@ -1,6 +1,6 @@
 """Rollout tokens/s, vLLM(-CPU) vs the HF fallback, and weight-sync seconds vs parameter count.
 
-    python bench/rollout.py                     # tiny, wide and V2-Lite-width (2 layers) shapes, each in its own process
+    python bench/rollout.py                     # tiny, wide and V2-Lite-width (2 layers) shapes, one process each
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ SHAPES = {"tiny": TinyModelConfig(),
                                   moe_intermediate_size=256, n_routed_experts=16, num_hidden_layers=4)}
 # V2-Lite's layer widths (MLA, 64 routed + 2 shared experts of 1408, dense layer 0 of 10944) with the tiny vocab and
 # 2 layers (one dense, one MoE): what fits this machine three times over (policy, saved checkpoint, engine) in fp32.
-V2_LITE_LAYERS = dict(hidden_size=2048, num_attention_heads=16, qk_nope_head_dim=128, v_head_dim=128, intermediate_size=10944,
-                      moe_intermediate_size=1408, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6)
+V2_LITE_LAYERS = dict(hidden_size=2048, num_attention_heads=16, qk_nope_head_dim=128, v_head_dim=128,
+                      intermediate_size=10944, moe_intermediate_size=1408, n_routed_experts=64, n_shared_experts=2,
+                      num_experts_per_tok=6)
 SHAPES["v2-lite-width-2"] = TinyModelConfig(num_hidden_layers=2, **V2_LITE_LAYERS)
 
 
@@ -48,7 +49,8 @@ def measure_shape(shape: str) -> dict:
         policy = load_policy(ModelConfig(tiny=tiny), LoraConfig(r=16))
         # The engine starts on dummy weights and takes every merged weight in one sync.
         engine = make_engine("vllm", policy, RolloutConfig(), "float32", 256)
-        prompts = render_prompts(policy.tokenizer, [[{"role": "user", "content": f"What is {i}+{i % 7}?"}] for i in range(64)])
+        questions = [[{"role": "user", "content": f"What is {i}+{i % 7}?"}] for i in range(64)]
+        prompts = render_prompts(policy.tokenizer, questions)
         settings = SamplingSettings(n=8, temperature=1.0, max_new_tokens=32, seed=0)
         entry = {"params": policy.num_parameters()[1]}
         if shape == "tiny":

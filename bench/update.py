@@ -100,7 +100,8 @@ def max_rel_diff(a: dict, b: dict) -> float:
 def grad_check(model, device, toggle) -> dict:
     """Same tokens through the plain path and align's (``toggle``: a :class:`Lever`): loss and LoRA
     gradients must agree."""
-    ids = torch.randint(3, min(1000, model.config.vocab_size), (2, 256), generator=torch.Generator().manual_seed(7)).to(device)
+    ids = torch.randint(3, min(1000, model.config.vocab_size), (2, 256),
+                        generator=torch.Generator().manual_seed(7)).to(device)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -216,8 +217,8 @@ def main() -> None:
     frontier = []
     for item in a.frontier:
         micro, n = (int(v) for v in item.split(":"))
-        frontier.append((f"grouped expert LoRA, chunked log-probs, micro-batch {micro}, recompute {n} of {layers} layers",
-                         True, True, n if 0 < n < layers else n >= layers, micro))
+        name = f"grouped expert LoRA, chunked log-probs, micro-batch {micro}, recompute {n} of {layers} layers"
+        frontier.append((name, True, True, n if 0 < n < layers else n >= layers, micro))
     # Irreversible levers last, cumulative: bf16 adapters (no fp32 casts around every LoRA matmul),
     # compiled RMSNorm / rope / SwiGLU, dense LoRA as one addmm; then fewer recomputed layers.
     stages = [("", None), (" + bf16 adapters", "bf16"), (" + bf16 adapters + fused kernels", "fused"),

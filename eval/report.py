@@ -106,6 +106,6 @@ def _run_section(run: Path, figs: Path) -> list[str]:
     if cfg.is_file():
         conf = yaml.safe_load(cfg.read_text())
         brief = {k: conf[k] for k in ("model", "lora", "train", "grpo") if k in conf}
-        lines += ["", "<details><summary>config</summary>", "", "```yaml", yaml.safe_dump(brief, sort_keys=False).strip(),
-                  "```", "</details>", ""]
+        lines += ["", "<details><summary>config</summary>", "", "```yaml",
+                  yaml.safe_dump(brief, sort_keys=False).strip(), "```", "</details>", ""]
     return lines

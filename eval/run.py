@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 def _label(path: str) -> str:
     p = Path(path)
-    return f"{p.parent.name}/{p.name}" if p.name in ("final",) or p.name.startswith(("step-", "checkpoint-")) else p.name
+    nested = p.name in ("final",) or p.name.startswith(("step-", "checkpoint-"))
+    return f"{p.parent.name}/{p.name}" if nested else p.name
 
 
 def run_eval(checkpoints: list[str], tasks: str, recipe: str | None, overrides: list[str], out: str,
@@ -43,7 +44,8 @@ def run_eval(checkpoints: list[str], tasks: str, recipe: str | None, overrides: 
         engine = _engine_for(engine, policy, cfg, out_dir)
         label = _label(ckpt)
         for task, rows in loaded:
-            res = evaluate(engine, policy.tokenizer, rows, task.rewards, settings, ks=ks, columns=Combined(task.rewards).columns)
+            res = evaluate(engine, policy.tokenizer, rows, task.rewards, settings, ks=ks,
+                           columns=Combined(task.rewards).columns)
             d = out_dir / label.replace("/", "_")
             d.mkdir(parents=True, exist_ok=True)
             with (d / f"{task.name}.jsonl").open("w") as fh:

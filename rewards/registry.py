@@ -56,7 +56,8 @@ def _imported(path: str) -> Reward:
         raise KeyError(f"reward {path!r}: cannot import it ({e})") from None
     params = inspect.signature(fn).parameters
     skip = {"completions", "prompts", "completion_ids", "trainer_state"}
-    columns = tuple(n for n, p in params.items() if n not in skip and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    columns = tuple(n for n, p in params.items() if n not in skip and p.kind in named)
 
     def batch(completions: list[str], rows: list[dict]) -> list[tuple[float | None, str]]:
         cols = {c: [r.get(c) for r in rows] for c in columns}
@@ -117,5 +118,6 @@ class Combined:
         total = []
         for i in range(len(completions)):
             vals = [per[n][i] for n in self.weights]
-            total.append(None if any(v is None for v in vals) else sum(w * v for w, v in zip(self.weights.values(), vals)))
+            weighted = None if any(v is None for v in vals) else sum(w * v for w, v in zip(self.weights.values(), vals))
+            total.append(weighted)
         return total, per, reasons

@@ -120,7 +120,8 @@ def _masks(python: str) -> list[str]:
     scratch = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")  # fresh tmpfs in every run already
     out = []
     for d in dict.fromkeys(os.path.realpath(d) for d in dirs if d):
-        if d != "/" and not (keep + "/").startswith(d + "/") and not any((d + "/").startswith(s + "/") for s in scratch):
+        inside_scratch = any((d + "/").startswith(s + "/") for s in scratch)
+        if d != "/" and not (keep + "/").startswith(d + "/") and not inside_scratch:
             out.append(d)
     return out
 

@@ -85,13 +85,15 @@ def _start_vllm(policy, rollout_cfg, dtype: str, max_model_len: int, world: int,
                         gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, tensor_parallel_size=tp,
                         enforce_eager=rollout_cfg.enforce_eager, seed=rollout_cfg.seed,
                         sleep_level=rollout_cfg.sleep_level, per_prompt_seeds=rollout_cfg.per_prompt_seeds,
-                        load_format="dummy", external_launcher=world > 1, extra=dict(rollout_cfg.engine_kwargs))
+                        load_format="dummy", external_launcher=world > 1, kv_cache_gib=rollout_cfg.kv_cache_gib,
+                        extra=dict(rollout_cfg.engine_kwargs))
     engine.skeleton = skeleton  # vLLM may read the directory again; it lives as long as the engine
     t_start = time.perf_counter() - t0
     with (full_weights or contextlib.nullcontext)(), policy.merged_weights() as weights:
         engine.update_weights(weights)
     engine.needs_full_sync = False
-    engine.startup = {"seconds": time.perf_counter() - t0, "engine_s": t_start, "first_sync_s": engine.last_sync["seconds"]}
+    engine.startup = {"seconds": time.perf_counter() - t0, "engine_s": t_start,
+                      "first_sync_s": engine.last_sync["seconds"]}
     log.info("rollout engine: vllm (start %.1f s, first full sync %.2f s)", t_start, engine.last_sync["seconds"])
     if world > 1 and tp > 1:
         import torch.distributed as tdist

@@ -59,7 +59,8 @@ def _write_cpu_experts(model, updates: dict) -> int:
             raw = parts.get(key)
             if raw is None:
                 raise RuntimeError(f"layer {layer}: both fused expert tensors must be synced together")
-            scratch.register_parameter(f"{key}_weight", torch.nn.Parameter(raw.to(live.dtype).contiguous(), requires_grad=False))
+            weight = torch.nn.Parameter(raw.to(live.dtype).contiguous(), requires_grad=False)
+            scratch.register_parameter(f"{key}_weight", weight)
         _experts_impl(routed).process_weights_after_loading(scratch)
         for key in ("w13", "w2"):
             getattr(routed, f"{key}_weight").data.copy_(getattr(scratch, f"{key}_weight").data)
@@ -157,13 +158,15 @@ class VLLMEngine:
                  gpu_memory_utilization: float = 0.3, tensor_parallel_size: int = 1,
                  enforce_eager: bool | None = None, seed: int = 0, sleep_level: int = 2,
                  per_prompt_seeds: bool = True, load_format: str = "auto", external_launcher: bool = False,
-                 lean_outputs: bool = True, extra: dict | None = None):
+                 lean_outputs: bool = True, kv_cache_gib: float = 0.0, extra: dict | None = None):
         """``external_launcher``: this process is one rank of ``accelerate launch``/torchrun; vLLM joins
         the existing process group (one engine per rank, or per tensor-parallel group of ranks).
         ``enforce_eager=None``: eager on the CPU, CUDA graphs on a GPU. ``per_prompt_seeds=False``: requests carry
         no seed (vLLM samples seeded requests one row at a time; on the H200 at 1,024 requests that was not
         what limited throughput: 7.8k tok/s seeded vs 6.7k unseeded, ``bench/vllm_gpu.py``). ``lean_outputs``: no
-        per-step detokenization or per-token logprob dicts inside vLLM (see :meth:`_params`)."""
+        per-step detokenization or per-token logprob dicts inside vLLM (see :meth:`_params`). ``kv_cache_gib`` (GPU):
+        the KV cache's size in GiB instead of what ``gpu_memory_utilization`` leaves (the same recipe on 80 and 141
+        GB cards)."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
@@ -178,6 +181,7 @@ class VLLMEngine:
         self.asleep = False
         self.needs_full_sync = load_format == "dummy"
         eager = (not cuda) if enforce_eager is None else enforce_eager
+        sized = {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)} if cuda and kv_cache_gib > 0 else {}
         self.llm = LLM(
             model=model_path,
             dtype=dtype,
@@ -191,7 +195,7 @@ class VLLMEngine:
             enable_prefix_caching=False,
             load_format=load_format,
             **({"distributed_executor_backend": "external_launcher"} if external_launcher else {}),
-            **{**(GPU_GRAPHS if cuda and not eager else {}), **(extra or {})},
+            **{**(GPU_GRAPHS if cuda and not eager else {}), **sized, **(extra or {})},
         )
         _quiet_vllm()
         if not cuda:
@@ -267,7 +271,8 @@ class VLLMEngine:
         secs = time.perf_counter() - t0
         n_exp = sum(len(v) for v in experts.values())
         self.last_sync = {"tensors": len(rest) + n_exp, "seconds": secs,
-                          "params": sum(t.numel() for _, t in rest) + sum(t.numel() for v in experts.values() for t in v.values())}
+                          "params": sum(t.numel() for _, t in rest)
+                          + sum(t.numel() for v in experts.values() for t in v.values())}
         return secs
 
     def sleep(self) -> None:

@@ -14,8 +14,9 @@ def run_cli(*args, cwd=None, timeout=900):
     """Run ``align`` in a subprocess (how users run it; keeps vLLM's globals out of pytest)."""
     import subprocess
 
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-m", "align.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd or ROOT, timeout=timeout, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+                          cwd=cwd or ROOT, timeout=timeout, env={**os.environ, "PYTHONPATH": path})
 
 
 @pytest.fixture(scope="session")

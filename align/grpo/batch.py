@@ -84,7 +84,8 @@ class UpdateBatch:
         order = self.attention_mask[:, self.prompt_width:].sum(-1).argsort(stable=True)
         return [(idx, self.rows(idx).trimmed()) for idx in order.tensor_split(n)]
 
-    def token_micro_batches(self, max_tokens: int, n: int, real: bool = False) -> list[tuple[torch.Tensor, "UpdateBatch"]]:
+    def token_micro_batches(self, max_tokens: int, n: int,
+                            real: bool = False) -> list[tuple[torch.Tensor, "UpdateBatch"]]:
         """:meth:`by_tokens` parts, the largest split in halves until there are ``n`` (ranks must agree on a count)."""
         parts = self.by_tokens(max_tokens, real)
         while len(parts) < n:

@@ -157,7 +157,8 @@ def _start(cfg: AlignConfig) -> tuple[GRPORun, Path, list[dict]]:
 
 def _rewards(cfg: AlignConfig, dist: Dist) -> Combined:
     """The configured rewards, checked before anything heavy starts (unknown names, a sandbox that cannot isolate)."""
-    configure(timeout_s=cfg.rewards.timeout_s, workers=cfg.rewards.workers or max(1, (os.cpu_count() or 1) // dist.world),
+    workers = cfg.rewards.workers or max(1, (os.cpu_count() or 1) // dist.world)
+    configure(timeout_s=cfg.rewards.timeout_s, workers=workers,
               allow_unisolated_code=cfg.rewards.allow_unisolated_code)
     rewards = Combined(dict(cfg.rewards.functions))
     try:
@@ -197,8 +198,10 @@ def run_grpo(cfg: AlignConfig) -> dict:
     dist = run.dist
     start, extra = _resume(run, run_dir)
     before = extra.get("held_out_before") or held_out(run, held)
-    metrics_log = rundir.MetricsLogger(run_dir, cfg.output.tensorboard,
-                                       open_trackers(cfg.train.report_to, run_dir, to_dict(cfg))) if dist.is_main else None
+    metrics_log = None
+    if dist.is_main:
+        metrics_log = rundir.MetricsLogger(run_dir, cfg.output.tensorboard,
+                                           open_trackers(cfg.train.report_to, run_dir, to_dict(cfg)))
     bad, step = 0, start
     with _progress(dist.is_main) as progress:
         task = progress.add_task("grpo", total=cfg.grpo.steps, completed=start, info="")

@@ -116,7 +116,8 @@ def within_length(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
 def _optimizer(cfg: AlignConfig, policy: Policy):
     params = [p for p in policy.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
-    per_step = cfg.grpo.mu * math.ceil(cfg.grpo.prompts_per_step * cfg.rollout.num_generations / cfg.grpo.minibatch_size)
+    rows = cfg.grpo.prompts_per_step * cfg.rollout.num_generations
+    per_step = cfg.grpo.mu * math.ceil(rows / cfg.grpo.minibatch_size)
     total = cfg.grpo.steps * per_step
     scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=int(cfg.train.warmup_ratio * total),
                               num_training_steps=total)
@@ -147,5 +148,6 @@ def setup(cfg: AlignConfig, dist: Dist, rows: list[dict], rewards: Combined, pol
                    scheduler=scheduler, rewards=rewards,
                    advantage=get_advantage(g.advantage), rows=rows, stream=PromptStream(len(rows), cfg.train.seed),
                    monitor=monitor, replay=RouterReplay(policy.model) if g.router_replay else None,
-                   need_old=g.mu > 1 or g.router_replay or g.prompts_per_step * cfg.rollout.num_generations > g.minibatch_size,
+                   need_old=(g.mu > 1 or g.router_replay
+                             or g.prompts_per_step * cfg.rollout.num_generations > g.minibatch_size),
                    startup=startup)

@@ -26,7 +26,8 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     name = adapters[0]
     base, lora_A, lora_B = self.base_layer, self.lora_A[name], self.lora_B[name]
     if (name in self.lora_variant or not isinstance(self.lora_dropout[name], torch.nn.Identity)
-            or lora_B.bias is not None or type(base) is not torch.nn.Linear or not x.dtype == base.weight.dtype == lora_A.weight.dtype):
+            or lora_B.bias is not None or type(base) is not torch.nn.Linear
+            or not x.dtype == base.weight.dtype == lora_A.weight.dtype):
         return self._peft_forward(x, *args, **kwargs)
     x2 = x.reshape(-1, x.shape[-1])
     up = lora_B.weight * self.scaling[name] if self.scaling[name] != 1 else lora_B.weight

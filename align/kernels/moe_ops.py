@@ -2,9 +2,10 @@
 the weighted top-k sum back (SwiGLU is fused into the LoRA linears of :mod:`align.kernels.lora_ops`).
 
 As operators they are opaque to ``torch.compile``: a compiled decoder layer calls them as they are instead of
-tracing them into inductor kernels, which for these gathers were several times slower than the Triton kernels of :mod:`align.kernels.triton_kernels` (``bench/results/moe_kernels_cuda.json``). CUDA
-tensors go through those kernels when Triton is there; everything else through the reference code below,
-which is also what the tests compare the kernels with.
+tracing them into inductor kernels, which for these gathers were several times slower than the Triton kernels
+of :mod:`align.kernels.triton_kernels` (``bench/results/moe_kernels_cuda.json``). CUDA tensors go through those
+kernels when Triton is there; everything else through the reference code below, which is also what the tests
+compare the kernels with.
 
 Shapes: T tokens, k experts per token, H hidden size; ``perm`` [T*k] sorts
 the flattened top-k slots by expert and ``inv`` is its inverse permutation.

@@ -9,7 +9,8 @@ arithmetic in fp32 rounded once; :mod:`align.kernels.moe_ops` wraps them as cust
 
 The LoRA kernels (``_lora_*``) work on tiles of expert-sorted rows: they add the low-rank term
 ``a[rows] @ b[expert]`` (r <= 16 columns of ``a``, padded to 16 for ``tl.dot``) to a base product in place, or
-feed it straight into the SwiGLU, so the [S, out] low-rank product is never written. :mod:`align.kernels.lora_ops` wraps them.
+feed it straight into the SwiGLU, so the [S, out] low-rank product is never written. :mod:`align.kernels.lora_ops`
+wraps them.
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ def test_data_errors(capsys, tmp_path):
     missing = tmp_path / "missing.jsonl"
     assert "dataset file not found" in _err(capsys, ["sft", f"data.train={missing}", f"output.dir={tmp_path / 'a'}"])
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n{oops\n")
+    good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    bad.write_text(json.dumps(good) + "\n{oops\n")
     assert f"{bad}:2: malformed JSON" in _err(capsys, ["sft", f"data.train={bad}", f"output.dir={tmp_path / 'b'}"])
     nomsg = tmp_path / "nomsg.jsonl"
     nomsg.write_text('{"text": "hello"}\n')
@@ -127,15 +128,17 @@ def test_trackers_are_checked_up_front_and_get_every_row(capsys, tmp_path, monke
     import sys
     import types
 
-    assert "unknown tracker 'neptune'" in _err(capsys, ["sft", "train.report_to=[neptune]", f"output.dir={tmp_path / 'a'}"])
+    err = _err(capsys, ["sft", "train.report_to=[neptune]", f"output.dir={tmp_path / 'a'}"])
+    assert "unknown tracker 'neptune'" in err
     monkeypatch.setitem(sys.modules, "mlflow", None)  # not installed, whatever this machine has
-    assert "mlflow is not installed" in _err(capsys, ["sft", "train.report_to=[mlflow]", f"output.dir={tmp_path / 'b'}"])
+    err = _err(capsys, ["sft", "train.report_to=[mlflow]", f"output.dir={tmp_path / 'b'}"])
+    assert "mlflow is not installed" in err
     logged, finished = [], []
     fake = types.ModuleType("wandb")
     fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
     fake.init = lambda **kw: types.SimpleNamespace(log=lambda m, step: logged.append((step, m)),
                                                    finish=lambda: finished.append(kw["config"]["train"]["max_steps"]))
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    assert main(["sft", "recipes/tiny_sft.yaml", "train.report_to=[wandb]", "train.max_steps=4", "train.logging_steps=2",
-                 "eval.num_samples=2", f"output.dir={tmp_path / 'c'}"]) == 0
+    assert main(["sft", "recipes/tiny_sft.yaml", "train.report_to=[wandb]", "train.max_steps=4",
+                 "train.logging_steps=2", "eval.num_samples=2", f"output.dir={tmp_path / 'c'}"]) == 0
     assert [s for s, m in logged if "loss" in m] == [2, 4] and finished == [4]

@@ -77,7 +77,8 @@ def test_kill_and_resume_gives_identical_metrics(sft_checkpoint, reference_run, 
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    res = subprocess.run(_cmd(sft_checkpoint, out, "train.resume=true"), capture_output=True, text=True, cwd=ROOT, timeout=900)
+    res = subprocess.run(_cmd(sft_checkpoint, out, "train.resume=true"), capture_output=True, text=True, cwd=ROOT,
+                         timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     ref = {r["step"]: _comparable(r) for r in read_metrics(reference_run)}
     got = {r["step"]: _comparable(r) for r in read_metrics(out)}

@@ -85,7 +85,8 @@ def test_fake_kernels_agree_with_the_ops_on_transposed_factors():
     """Compiled layers hand the factors over as views (``A^T`` of PEFT's layout): the meta functions must
     promise the shapes and strides the real ops return."""
     x, weight, down, up, offs = _problem(seed=3)
-    down_t, up_t = down.transpose(-2, -1).contiguous().transpose(-2, -1), up.transpose(-2, -1).contiguous().transpose(-2, -1)
+    down_t = down.transpose(-2, -1).contiguous().transpose(-2, -1)
+    up_t = up.transpose(-2, -1).contiguous().transpose(-2, -1)
     grad = torch.randn(x.shape[0], weight.shape[1])
     xa = x @ down[0]
     for op, args in [(lora_ops.lora_linear, (x, weight, down_t, up_t, offs)),

@@ -44,7 +44,8 @@ def test_update_moves_logprobs_in_the_advantage_direction():
     policy, batch, opt, sched = _setup()
     before = _seq_logp(policy, batch)
     for _ in range(3):
-        metrics, finite = policy_update(policy, CompletionLogprobs(policy.model), batch, GRPOConfig(minibatch_size=4), opt, sched, 1.0, 3, 1.0)
+        metrics, finite = policy_update(policy, CompletionLogprobs(policy.model), batch, GRPOConfig(minibatch_size=4),
+                                        opt, sched, 1.0, 3, 1.0)
     after = _seq_logp(policy, batch)
     assert finite and after[0] > before[0] and after[2] > before[2] and after[3] < before[3]
     assert {"actor/pg_loss", "actor/grad_norm", "actor/entropy", "actor/clipfrac"} <= set(metrics)
@@ -54,7 +55,8 @@ def test_non_finite_loss_skips_the_step():
     policy, batch, opt, sched = _setup()
     batch.advantages = torch.tensor([float("nan"), 1.0, 1.0, -1.0])
     params = {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
-    _, finite = policy_update(policy, CompletionLogprobs(policy.model), batch, GRPOConfig(minibatch_size=4), opt, sched, 1.0, 3, 1.0)
+    _, finite = policy_update(policy, CompletionLogprobs(policy.model), batch, GRPOConfig(minibatch_size=4), opt,
+                              sched, 1.0, 3, 1.0)
     assert not finite
     for n, p in policy.model.named_parameters():
         if p.requires_grad:

@@ -31,7 +31,8 @@ class OracleEngine:
         self.answers = answers
 
     def generate(self, prompts, settings):
-        return [Rollout(p, [Completion([1], a, [0.0], "stop") for _ in range(settings.n)]) for p, a in zip(prompts, self.answers)]
+        return [Rollout(p, [Completion([1], a, [0.0], "stop") for _ in range(settings.n)])
+                for p, a in zip(prompts, self.answers)]
 
 
 class Tok:

@@ -35,7 +35,8 @@ def _mismatch(policy, engine, prompts, seed: int) -> tuple[float, list, torch.Te
     out = engine.generate(prompts, SamplingSettings(n=4, temperature=1.0, max_new_tokens=24, seed=seed))
     comps = [c for ro in out for c in ro.completions]
     pids = [ro.prompt_ids for ro in out for _ in ro.completions]
-    b = build_batch(pids, comps, torch.zeros(len(comps)), policy.tokenizer.pad_token_id, mask_truncated=False).to("cuda")
+    b = build_batch(pids, comps, torch.zeros(len(comps)), policy.tokenizer.pad_token_id,
+                    mask_truncated=False).to("cuda")
     with torch.no_grad():
         lp, _ = completion_logprobs(policy.model.eval(), b.input_ids, b.attention_mask, b.position_ids, b.prompt_width)
     m = b.completion_mask.bool()

@@ -13,7 +13,8 @@ def _he(completions):
 
 
 def test_humaneval_continuation_and_whole_solution():
-    assert _he(["    return a + b\n", "```python\ndef add(a, b):\n    return a + b\n```", "def add(a, b):\n    return b + a\n"]) == [1.0, 1.0, 1.0]
+    continuation, fenced = "    return a + b\n", "```python\ndef add(a, b):\n    return a + b\n```"
+    assert _he([continuation, fenced, "def add(a, b):\n    return b + a\n"]) == [1.0, 1.0, 1.0]
 
 
 @pytest.mark.parametrize("completion", [

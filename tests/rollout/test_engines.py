@@ -75,7 +75,8 @@ def test_groups_stop_and_length(setup):
     assert [len(ro.completions) for ro in out] == [5, 5, 5]
     assert all(ro.prompt_ids == p for ro, p in zip(out, prompts[:3]))
     short = engine.generate(prompts[:2], SamplingSettings(n=1, temperature=0.0, max_new_tokens=3))
-    assert all(c.finish_reason == "length" and len(c.token_ids) == 3 and c.truncated for ro in short for c in ro.completions)
+    assert all(c.finish_reason == "length" and len(c.token_ids) == 3 and c.truncated
+               for ro in short for c in ro.completions)
     full = engine.generate(prompts[:2], SamplingSettings(n=1, temperature=0.0, max_new_tokens=30))
     assert all(c.finish_reason == "stop" for ro in full for c in ro.completions)
     stopped = engine.generate(prompts[:2], SamplingSettings(n=1, temperature=0.0, max_new_tokens=30, stop=["="]))

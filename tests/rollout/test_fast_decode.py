@@ -85,7 +85,8 @@ def test_samples_equal_the_hf_engine_with_the_same_seeds():
     a = fast.generate(prompts, s)
     b = HFEngine(policy.model, policy.tokenizer).generate(prompts, s)
     assert [c.token_ids for r in a for c in r.completions] == [c.token_ids for r in b for c in r.completions]
-    alone = fast.generate(prompts[2:3], SamplingSettings(n=3, temperature=0.9, top_p=0.95, max_new_tokens=10, seeds=[13]))
+    alone = fast.generate(prompts[2:3], SamplingSettings(n=3, temperature=0.9, top_p=0.95, max_new_tokens=10,
+                                                         seeds=[13]))
     assert [c.token_ids for c in alone[0].completions] == [c.token_ids for c in a[2].completions]
 
 

@@ -71,3 +71,9 @@ def test_waking_on_a_gpu_returns_the_trainers_cached_memory_first(fake_vllm, mon
     engine.wake_up(lambda full: _FakeLLM.calls.append(("push", full)))
     assert _FakeLLM.calls == [("sleep", 2), ("empty_cache",), ("wake", ("weights",)), ("push", True),
                               ("wake", ("kv_cache",))]
+
+
+def test_kv_cache_gib_sizes_the_cache_on_gpus_only(fake_vllm, monkeypatch):
+    assert _start(monkeypatch, cuda=True, kv_cache_gib=12)["kv_cache_memory_bytes"] == 12 * 2**30
+    assert "kv_cache_memory_bytes" not in _start(monkeypatch, cuda=True)
+    assert "kv_cache_memory_bytes" not in _start(monkeypatch, cuda=False, kv_cache_gib=12)
