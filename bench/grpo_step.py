@@ -97,6 +97,39 @@ class DevicePeak:
         return self.peak_gib
 
 
+def profile_update(nth: int, name: str) -> None:
+    """Run the ``nth`` call of ``policy_update`` (one per step) under ``torch.profiler``: its GPU-busy share of the
+    wall time (kernels' summed time over wall; low means the GPU waits on the host) and the top operators and
+    kernels, to ``bench/results/<name>.txt``."""
+    import align.grpo.loop as loop
+
+    inner, calls = loop.policy_update, [0]
+
+    def wrapped(*args, **kw):
+        calls[0] += 1
+        if calls[0] != nth:
+            return inner(*args, **kw)
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.profiler.profile(activities=acts) as prof:
+            out = inner(*args, **kw)
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+        events = prof.key_averages()
+        kernels = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        head = f"policy_update call {nth}: wall {wall:.2f} s (profiled), GPU kernels {kernels / 1e6:.2f} s " \
+               f"= {kernels / 1e6 / wall:.0%} busy"
+        print(head, flush=True)
+        table = events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=70)
+        cpu = events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70)
+        out_path = Path(__file__).resolve().parent / "results" / f"{name}.txt"
+        out_path.write_text(f"{head}\n\nBy self device time:\n{table}\n\nBy self CPU time:\n{cpu}\n")
+        return out
+
+    loop.policy_update = wrapped
+
+
 def phase_shares(m: dict) -> dict:
     """Each phase's fraction of the step's wall time."""
     names = ("rollout", "score", "logprobs", "update", "sync", "sleep", "wake")
@@ -230,12 +263,16 @@ def main() -> None:
                     help="first time the engine alone on this many prompts x --group (e.g. 64: the GRPO shape)")
     ap.add_argument("--probe-outputs", default="lean", choices=["lean", "both"],
                     help="both: also time the probe with vLLM's per-step detokenization and logprob dicts")
+    ap.add_argument("--profile-update", type=int, default=0,
+                    help="profile align's N-th update (step N) to bench/results/profile_<name>.txt (GPU)")
     ap.add_argument("--set", nargs="*", default=[], help="extra key.sub=value overrides for align")
     ap.add_argument("--name", default=None)
     a = ap.parse_args()
     a.device = "cuda" if torch.cuda.is_available() else "cpu"
     out = {"shape": a.shape, "layers": a.layers, "prompts": a.prompts, "group": a.group, "new_tokens": a.new_tokens,
            "steps": a.steps, "overrides": overrides(a)}
+    if a.profile_update and a.device == "cuda":
+        profile_update(a.profile_update, f"profile_{a.name or 'grpo_step'}_update{a.profile_update}_cuda")
     if not a.no_align:
         out["align"] = run_align(a)
         torch.cuda.empty_cache() if a.device == "cuda" else None

@@ -139,6 +139,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--pack", type=int, nargs="*", default=[],
                     help="with --budgets: each budget also packed in rows of each of these sizes (grpo.pack_tokens; "
                          "budgets then count real tokens), the first also without recomputation")
+    ap.add_argument("--recompute", type=int, nargs="*", default=[],
+                    help="with --pack: the first pack size again, recomputing only the first N decoder layers "
+                         "(model.recompute_layers; the other layers keep their activations)")
     ap.add_argument("--name", default=None)
     ap.add_argument("--skip-defaults", action="store_true", help="no rows before the budget rows except the first")
     ap.add_argument("--no-baseline", action="store_true", help="not even the first: ratios compare with the next row")
@@ -165,6 +168,8 @@ def plan_rows(a) -> list[tuple]:
             plan.append((f"{packed} {rows}, every layer recomputed", -b, True, ("pack", rows)))
         if a.pack:
             plan.append((f"{packed} {a.pack[0]}, no recomputation", -b, False, ("pack", a.pack[0])))
+            for n in a.recompute:
+                plan.append((f"{packed} {a.pack[0]}, first {n} layers recomputed", -b, n, ("pack", a.pack[0])))
     if a.compile_layers:
         name = f"{tuned} grouped by length, no recomputation, compiled decoder layers"
         plan.append((name, a.micro, False, "compile"))
