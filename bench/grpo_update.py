@@ -75,7 +75,9 @@ def in_arrival_order(self: UpdateBatch, n: int):
     return [(idx, self.rows(idx).trimmed()) for idx in order.tensor_split(n)]
 
 
-def run_row(policy, batch: UpdateBatch, cfg: GRPOConfig, steps: int, device: str) -> dict:
+def run_row(policy, batches: list[UpdateBatch], cfg: GRPOConfig, steps: int, device: str) -> dict:
+    """One warm-up iteration on ``batches[0]``, then ``steps`` timed ones on ``batches[i]`` (the last one again when
+    the list is short: one batch repeats the warm-up's shapes, several bring new ones as GRPO steps do)."""
     fwd = CompletionLogprobs(policy.model)
     params = [p for p in policy.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-6)
@@ -86,9 +88,10 @@ def run_row(policy, batch: UpdateBatch, cfg: GRPOConfig, steps: int, device: str
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    fills, updates = [], []
+    fills, updates, reals = [], [], []
     try:
         for i in range(steps + 1):
+            batch = batches[min(i, len(batches) - 1)]
             sync(device)
             t0 = time.perf_counter()
             fill_old_and_ref(policy, fwd, batch, cfg, 1.0, replay, need_old=True)
@@ -100,18 +103,18 @@ def run_row(policy, batch: UpdateBatch, cfg: GRPOConfig, steps: int, device: str
             if i:
                 fills.append(t1 - t0)
                 updates.append(time.perf_counter() - t1)
+                reals.append(float(batch.attention_mask.sum()))
     except torch.OutOfMemoryError:
         opt.zero_grad(set_to_none=True)
         return {"oom": True}
     finally:
         monitor.remove()
         replay.remove()
-    real = float(batch.attention_mask.sum())
-    fill, update = sorted(fills)[len(fills) // 2], sorted(updates)[len(updates) // 2]
+    real, fill, update = sum(reals), sum(fills), sum(updates)
     # old + reference: two forward passes over every real token
-    out = {"update_tok_s": real / update, "step_tok_s": real / (fill + update), "old_and_ref_s": fill,
+    out = {"update_tok_s": real / update, "step_tok_s": real / (fill + update), "old_and_ref_s": fill / steps,
            "logprob_tok_s": 2 * real / fill,
-           "update_s": update, "pg_loss": metrics.get("actor/pg_loss"), "finite": finite}
+           "update_s": update / steps, "pg_loss": metrics.get("actor/pg_loss"), "finite": finite}
     if device == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     return out
@@ -134,6 +137,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--rollout-rows", type=int, default=1024, help="rows of --rollout-shape (minibatches of a quarter)")
     ap.add_argument("--completion-len", type=int, default=0,
                     help="with --rollout-shape: every completion this long (as random weights sample them)")
+    ap.add_argument("--fresh-shapes", action="store_true",
+                    help="with --rollout-shape: every timed iteration on a new batch (new micro-batch shapes, as "
+                         "in GRPO steps), not the warm-up's")
     ap.add_argument("--budgets", nargs="*", type=int, default=[],
                     help="extra rows with grpo.max_tokens_per_micro_batch=B (no-grad passes 4B), grouped by length")
     ap.add_argument("--pack", type=int, nargs="*", default=[],
@@ -196,10 +202,12 @@ def main() -> None:
     policy = Policy(model=model, tokenizer=None, base_path="random")
     vocab = min(1000, model.config.vocab_size)
     if a.rollout_shape:
-        batch = rollout_like_batch(a.rollout_rows if v2 else 64, vocab, 256 if v2 else 24,
-                                   fixed=a.completion_len).to(device)
+        batches = [rollout_like_batch(a.rollout_rows if v2 else 64, vocab, 256 if v2 else 24, seed=seed,
+                                      fixed=a.completion_len).to(device)
+                   for seed in range(a.steps + 1 if a.fresh_shapes else 1)]
     else:
-        batch = synthetic_batch(a.rows, 256 if v2 else 16, 1792 if v2 else 48, vocab).to(device)
+        batches = [synthetic_batch(a.rows, 256 if v2 else 16, 1792 if v2 else 48, vocab).to(device)]
+    batch = batches[0]
     res = {"shape": a.shape, "rows_per_minibatch": a.rows, "micro_batch_size": a.micro,
            "real_tokens": int(batch.attention_mask.sum()), "padded_tokens": batch.attention_mask.numel(), "rows": {}}
     cfg = GRPOConfig(minibatch_size=batch.size // 4 if a.rollout_shape else a.rows, beta=0.04, mu=1)
@@ -220,7 +228,7 @@ def main() -> None:
             extra["pack_tokens"] = split[1]
             split = None
         UpdateBatch.micro_batches = original if split == "fp32" else split or original
-        row = run_row(policy, batch, GRPOConfig(**{**cfg.__dict__, **extra}), a.steps, device)
+        row = run_row(policy, batches, GRPOConfig(**{**cfg.__dict__, **extra}), a.steps, device)
         UpdateBatch.micro_batches = original
         res["rows"][name] = row
         print(f"{name}: {row}", flush=True)

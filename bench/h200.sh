@@ -63,14 +63,17 @@ case "$1" in
     # rows of 1,024 (math_rl.yaml) against 512 and 2,048, against no recomputation and recomputing only the first
     # 14 or 20 of 27 layers, on ragged completions (ratios against the unpacked token budget; math_rl.yaml's passes
     # before issue 17 are in the JSON of 2026-12-01); then every completion 256 tokens, as random weights sample them
-    # inside bench/grpo_step.py's steps
-    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 400 python bench/grpo_update.py --rollout-shape \
-      --rollout-rows 256 --steps 1 --skip-defaults --no-baseline --budgets 16384 --pack 1024 512 2048 \
-      --recompute 14 20 \
+    # inside bench/grpo_step.py's steps, timed on the warm-up's batch and then on new batches (new shapes, as steps)
+    export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+    timeout 250 python bench/grpo_update.py --rollout-shape --rollout-rows 256 --steps 1 --skip-defaults \
+      --no-baseline --budgets 16384 --pack 1024 512 2048 --recompute 14 20 \
       --name grpo_update_levers_v2-lite_cuda 2>&1 | grep -v "^\s*$" | tee "$OUT/grpo_update.log" | tail -60
-    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 170 python bench/grpo_update.py --rollout-shape \
-      --rollout-rows 256 --completion-len 256 --steps 1 --skip-defaults --no-baseline --budgets 16384 --pack 1024 \
-      --name grpo_update_fixed256_v2-lite_cuda 2>&1 | grep -v "^\s*$" | tee "$OUT/grpo_update_fixed.log" | tail -30
+    for fresh in "" --fresh-shapes; do
+      timeout 150 python bench/grpo_update.py --rollout-shape --rollout-rows 256 --completion-len 256 --steps 2 \
+        --skip-defaults --no-baseline --budgets 16384 --pack 1024 $fresh \
+        --name "grpo_update_fixed256${fresh:+_fresh}_cuda" 2>&1 | grep -v "^\s*$" \
+        | tee -a "$OUT/grpo_update_fixed.log" | tail -30
+    done
     ;;
 esac
 find bench/results -name '*.json' -newer /tmp/stage_start -exec cp {} "$OUT/" \;  # this stage's only
