@@ -175,9 +175,9 @@ def rollout_probe(run, a) -> dict:
     settings = SamplingSettings(n=a.group, temperature=1.0, max_new_tokens=a.new_tokens, seed=7,
                                 seeds=list(range(len(prompts))))
     run.engine.generate(prompts[:4], dataclasses.replace(settings, seeds=settings.seeds[:4]))
-    variants = {"lean": True, "engine_text": False} if a.probe_outputs == "both" else {"lean": True}
+    variants = [("lean", True), ("engine_text", False)] * 2 if a.probe_outputs == "both" else [("lean", True)]
     res: dict = {"requests": len(prompts) * a.group}
-    for name, lean in list(variants.items()) * (2 if len(variants) > 1 else 1):
+    for name, lean in variants:
         run.engine.lean_outputs = lean
         torch.cuda.synchronize() if a.device == "cuda" else None
         t = time.perf_counter()

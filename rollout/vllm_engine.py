@@ -204,19 +204,14 @@ class VLLMEngine:
         torch.set_num_threads(threads)
         self.last_sync: dict = {}
 
-    def _params(self, settings: SamplingSettings):
+    def _params(self, settings: SamplingSettings, decode_after: bool):
+        """``decode_after``: vLLM does not detokenize (the caller decodes the text once, in one batch)."""
         from vllm import SamplingParams
-
-        # Host-side work per token runs in this process, between the engine's steps (in-process engine): with
-        # ``lean_outputs`` vLLM neither detokenizes every request at every step (the text is decoded once at the
-        # end, in one batch) nor builds a dict per token for the sampled token's logprob (flat lists instead).
-        # Stop strings need vLLM's incremental text, so they keep it.
-        lean = self.lean_outputs
 
         def params(seed):
             return SamplingParams(n=settings.n, temperature=max(settings.temperature, 0.0), top_p=settings.top_p,
                                   max_tokens=settings.max_new_tokens, stop=list(settings.stop) or None, logprobs=0,
-                                  seed=seed, detokenize=bool(settings.stop) or not lean, flat_logprobs=lean)
+                                  seed=seed, detokenize=not decode_after, flat_logprobs=self.lean_outputs)
 
         if self.per_prompt_seeds and settings.seeds is not None:
             return [params(s) for s in settings.seeds]
@@ -231,15 +226,19 @@ class VLLMEngine:
         if self.needs_full_sync:
             raise RuntimeError("vLLM engine: weights were dropped by sleep(level=2); wake_up(push) must sync them")
         requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+        # Host-side work per token runs in this process, between the engine's steps (in-process engine): with
+        # ``lean_outputs`` vLLM neither detokenizes every request at every step (the text is decoded once at the
+        # end, in one batch) nor builds a dict per token for the sampled token's logprob (flat lists instead).
+        # Stop strings need vLLM's incremental text, so they keep it.
+        decode_after = self.lean_outputs and not settings.stop
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
             if not self.per_prompt_seeds and settings.seed is not None:
                 torch.manual_seed(settings.seed)
-            outs = self.llm.generate(requests, self._params(settings), use_tqdm=False)
+            outs = self.llm.generate(requests, self._params(settings, decode_after), use_tqdm=False)
         samples = [o for out in outs for o in out.outputs]
         ids = [list(o.token_ids) for o in samples]
-        texts = [o.text for o in samples]
-        if self.lean_outputs and not settings.stop:
-            texts = self.llm.get_tokenizer().batch_decode(ids, skip_special_tokens=True)
+        texts = (self.llm.get_tokenizer().batch_decode(ids, skip_special_tokens=True) if decode_after
+                 else [o.text for o in samples])
         comps = iter(Completion(t, text, _sampled_logprobs(o, t), "length" if o.finish_reason == "length" else "stop")
                      for o, t, text in zip(samples, ids, texts))
         return [Rollout(prompt_ids=list(p), completions=[next(comps) for _ in out.outputs])
@@ -288,7 +287,8 @@ class VLLMEngine:
         if self.asleep:
             if torch.cuda.is_available():
                 # The trainer's caching allocator still holds the update's activations: give them back first, or
-                # the device holds both (vLLM's pool is its own). Lead from the H200: whole-GPU peak 93.5 GiB.
+                # the device holds both (vLLM's pool is its own). H200, V2-Lite GRPO step: whole-GPU peak 93.5 GiB
+                # before, 84.6 GiB with this (bench/results/grpo_step_v2-lite_16x16_cuda.json).
                 torch.cuda.empty_cache()
             self.llm.wake_up(tags=["weights"])
         if push is not None:
