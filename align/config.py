@@ -53,6 +53,10 @@ class ModelConfig:
     tiny: TinyModelConfig = _sub(TinyModelConfig, "Shape of the embedded tiny model.")
     dtype: str = _f("float32", "Weights dtype: float32, bfloat16 or float16.")
     attn_implementation: str = _f("sdpa", "transformers attention: eager, sdpa, flash_attention_2.")
+    packed_attention: str = _f("mask", "Packed rows (grpo.pack_tokens): mask is transformers' block-diagonal mask "
+                                       "(SDPA picks cuDNN on Hopper); varlen attends within each sequence by its "
+                                       "boundaries (flash attention on GPUs in bf16, no mask; H200: no faster in the "
+                                       "update, see bench/README.md). Only with attn_implementation sdpa.")
     experts_implementation: str = _f("auto", "Routed-experts kernel: auto (grouped_mm on GPU, eager on CPU), eager, "
                                              "grouped_mm, batched_mm.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
@@ -342,6 +346,7 @@ def validate(cfg: AlignConfig) -> None:
         (cfg.grpo.logprob_tokens_per_micro_batch >= 0, "grpo.logprob_tokens_per_micro_batch: must be >= 0"),
         (cfg.grpo.pack_tokens >= 0, "grpo.pack_tokens: must be >= 0 (0: padded rows)"),
         (cfg.model.recompute_layers >= -1, "model.recompute_layers: -1 (every layer) or a layer count >= 0"),
+        (cfg.model.packed_attention in ("varlen", "mask"), "model.packed_attention: varlen or mask"),
         (cfg.train.batch_size > 0, "train.batch_size: must be > 0"),
         (cfg.train.grad_accum >= 1, "train.grad_accum: must be >= 1"),
         (cfg.grpo.minibatch_size >= 1, "grpo.minibatch_size: must be >= 1"),

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from align.config import LoraConfig, ModelConfig
 from align.kernels.dense_lora import use_addmm_lora
 from align.kernels.expert_lora import use_grouped_expert_lora
-from align.kernels import can_compile_for_gpu, compile_decoder_layers, use_fused_kernels
+from align.kernels import can_compile_for_gpu, compile_decoder_layers, use_fused_kernels, use_varlen_attention
 from align.kernels.cache import use_kernel_cache
 from align.lora import native_v5_targets, peft_config
 from align.modeling import TINY, load_base_model, load_tokenizer, resolve_base
@@ -142,6 +142,8 @@ def prepare_for_training(model: PreTrainedModel, model_cfg: ModelConfig, lora_cf
         recompute_only_first(model, model_cfg.recompute_layers)
     if model_cfg.fused_kernels:
         use_fused_kernels()
+    if model_cfg.packed_attention == "varlen":
+        use_varlen_attention(model)
     if lora_cfg.enabled:
         with native_v5_targets():
             model = get_peft_model(model, peft_config(lora_cfg))

@@ -16,6 +16,7 @@ generation rounds (``steps_per_generation`` optimizer steps each) and reports th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import random
@@ -74,12 +75,15 @@ def overrides(a) -> list[str]:
 
 class DevicePeak:
     """Peak memory in use on the whole GPU (trainer and colocated vLLM, whatever allocator), sampled every 50 ms by
-    a thread: ``torch.cuda.max_memory_allocated`` sees neither vLLM's sleep-mode pool nor CUDA graphs' memory."""
+    a thread: ``torch.cuda.max_memory_allocated`` sees neither vLLM's sleep-mode pool nor CUDA graphs' memory.
+    While :func:`phase_names` is on, each sample also counts toward the innermost timed phase's own peak."""
 
     def __init__(self, device: str):
         import threading
 
         self.peak_gib, self.on = 0.0, device == "cuda"
+        self.phases: dict[str, float] = {}
+        self.stack: list[str] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
         if self.on:
@@ -88,13 +92,55 @@ class DevicePeak:
     def _poll(self):
         while not self.stop.wait(0.05):
             free, total = torch.cuda.mem_get_info()
-            self.peak_gib = max(self.peak_gib, (total - free) / 2**30)
+            used = (total - free) / 2**30
+            self.peak_gib = max(self.peak_gib, used)
+            phase = self.stack[-1] if self.stack else "other"
+            self.phases[phase] = max(self.phases.get(phase, 0.0), used)
 
     def close(self) -> float:
         self.stop.set()
         if self.on:
             self.thread.join()
         return self.peak_gib
+
+
+@contextlib.contextmanager
+def phase_names(peak: DevicePeak):
+    """Patch the loop's ``timed`` so that ``peak`` knows which phase runs (the loop itself is unchanged)."""
+    import align.grpo.loop as loop
+    import align.grpo.phases as phases
+    import align.grpo.run as run_mod
+
+    inner = run_mod.timed
+
+    @contextlib.contextmanager
+    def named(metrics, name):
+        peak.stack.append(name)
+        try:
+            with inner(metrics, name):
+                yield
+        finally:
+            peak.stack.pop()
+
+    mods = (loop, phases, run_mod)
+    for m in mods:
+        m.timed = named
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.timed = inner
+
+
+ALLOC_KEYS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_ooms")
+
+
+def allocator_counts(device: str) -> dict:
+    """The caching allocator's counters (retries mean it freed its cache and synchronized to satisfy a request)."""
+    if device != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {k: stats.get(k, 0) for k in ALLOC_KEYS}
 
 
 def profile_update(nth: int, name: str) -> None:
@@ -149,12 +195,15 @@ def run_align(a) -> dict:
     probe = rollout_probe(run, a) if a.rollout_probe else None
     steps = []
     for step in range(1, a.steps + 1):
-        device_peak = DevicePeak(a.device)
-        m = train_step(run, step)
+        device_peak, before = DevicePeak(a.device), allocator_counts(a.device)
+        with phase_names(device_peak):
+            m = train_step(run, step)
         kept = ("time/", "completion/", "throughput/", "mismatch/", "batch/")
         steps.append({k: v for k, v in m.items() if k.startswith(kept) or k in ("sync/params", "actor/grad_norm")})
         steps[-1]["share"] = phase_shares(m)
         steps[-1]["device_peak_gib"] = device_peak.close()
+        steps[-1]["device_peak_by_phase_gib"] = dict(device_peak.phases)
+        steps[-1]["allocator"] = {k: v - before[k] for k, v in allocator_counts(a.device).items()}
         print(json.dumps({"align_step": step, **steps[-1]}), flush=True)
     peak = torch.cuda.max_memory_allocated() / 2**30 if a.device == "cuda" else 0.0
     used = (torch.cuda.mem_get_info()[1] - torch.cuda.mem_get_info()[0]) / 2**30 if a.device == "cuda" else 0.0

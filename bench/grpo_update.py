@@ -148,6 +148,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--recompute", type=int, nargs="*", default=[],
                     help="with --pack: the first pack size again, recomputing only the first N decoder layers "
                          "(model.recompute_layers; the other layers keep their activations)")
+    ap.add_argument("--packed-only", action="store_true", help="with --pack: no unpacked token-budget rows")
+    ap.add_argument("--packed-attention", default="varlen", choices=["varlen", "mask"],
+                    help="model.packed_attention: varlen flash attention or transformers' block-diagonal mask")
     ap.add_argument("--name", default=None)
     ap.add_argument("--skip-defaults", action="store_true", help="no rows before the budget rows except the first")
     ap.add_argument("--no-baseline", action="store_true", help="not even the first: ratios compare with the next row")
@@ -167,8 +170,9 @@ def plan_rows(a) -> list[tuple]:
     elif a.skip_defaults:
         plan = plan[:1]
     for b in a.budgets:
-        name = f"bf16 adapters, token budget {b} (no-grad passes {4 * b}), every layer recomputed"
-        plan.append((name, -b, True, None))
+        if not a.packed_only:
+            name = f"bf16 adapters, token budget {b} (no-grad passes {4 * b}), every layer recomputed"
+            plan.append((name, -b, True, None))
         packed = f"bf16 adapters, token budget {b} real tokens (no-grad passes {4 * b}), packed in rows of"
         for rows in a.pack:
             plan.append((f"{packed} {rows}, every layer recomputed", -b, True, ("pack", rows)))
@@ -176,7 +180,12 @@ def plan_rows(a) -> list[tuple]:
             plan.append((f"{packed} {a.pack[0]}, no recomputation", -b, False, ("pack", a.pack[0])))
             for n in a.recompute:
                 plan.append((f"{packed} {a.pack[0]}, first {n} layers recomputed", -b, n, ("pack", a.pack[0])))
-    if a.compile_layers:
+    if a.compile_layers and a.pack:  # last: compiling is for good (every later row would run compiled layers)
+        for b in a.budgets:
+            name = (f"bf16 adapters, token budget {b} real tokens (no-grad passes {4 * b}), packed in rows of "
+                    f"{a.pack[0]}, no recomputation, compiled decoder layers")
+            plan.append((name, -b, False, ("compile", a.pack[0])))
+    elif a.compile_layers:
         name = f"{tuned} grouped by length, no recomputation, compiled decoder layers"
         plan.append((name, a.micro, False, "compile"))
     return plan[1:] if a.no_baseline and len(plan) > 1 else plan
@@ -197,7 +206,7 @@ def main() -> None:
     v2 = a.shape == "v2-lite"
     model = build(V2_LITE if v2 else TINY, torch.bfloat16 if device == "cuda" else torch.float32, device)
     model.config.use_cache = False
-    model = prepare_for_training(model, ModelConfig(gradient_checkpointing=True),
+    model = prepare_for_training(model, ModelConfig(gradient_checkpointing=True, packed_attention=a.packed_attention),
                                  LoraConfig(r=16, alpha=32, adapter_dtype="float32"))
     policy = Policy(model=model, tokenizer=None, base_path="random")
     vocab = min(1000, model.config.vocab_size)
@@ -208,7 +217,8 @@ def main() -> None:
     else:
         batches = [synthetic_batch(a.rows, 256 if v2 else 16, 1792 if v2 else 48, vocab).to(device)]
     batch = batches[0]
-    res = {"shape": a.shape, "rows_per_minibatch": a.rows, "micro_batch_size": a.micro,
+    res = {"shape": a.shape, "packed_attention": a.packed_attention, "rows_per_minibatch": a.rows,
+           "micro_batch_size": a.micro,
            "real_tokens": int(batch.attention_mask.sum()), "padded_tokens": batch.attention_mask.numel(), "rows": {}}
     cfg = GRPOConfig(minibatch_size=batch.size // 4 if a.rollout_shape else a.rows, beta=0.04, mu=1)
     plan = plan_rows(a)
@@ -219,9 +229,9 @@ def main() -> None:
                 if "lora_" in n and device == "cuda":
                     p.data = p.data.to(torch.bfloat16)
         set_checkpointing(model, ckpt)
-        if split == "compile":
-            res["compiled_layers"] = compile_decoder_layers(model)
-            split = None
+        if split == "compile" or (isinstance(split, tuple) and split[0] == "compile"):
+            res["compiled_layers"] = res.get("compiled_layers") or compile_decoder_layers(model)
+            split = None if split == "compile" else ("pack", split[1])
         extra = ({"max_tokens_per_micro_batch": -micro, "logprob_tokens_per_micro_batch": -4 * micro}
                  if micro < 0 else {"micro_batch_size": micro})
         if isinstance(split, tuple):

@@ -5,9 +5,11 @@
 #   bash bench/h200.sh grpo      # one GRPO step at V2-Lite shape, align vs TRL GRPOTrainer, same run, ~440 s
 #   bash bench/h200.sh sft       # align sft at V2-Lite shape vs TRL SFTTrainer, same run, ~430 s
 #   bash bench/h200.sh sft-back  # a short align sft at V2-Lite shape, then align grpo from its checkpoint
-#   bash bench/h200.sh update    # issue 17's shape: packed rows of 512/1,024/2,048, recomputing all/14/20/no layers
+#   bash bench/h200.sh update    # issue 17's shape: budgets 16,384/8,192, recomputing all/20/no layers, compiled
 #   bash bench/h200.sh cache     # step 1 in a fresh process with an empty kernel cache, then a warm one
-#   bash bench/h200.sh profile   # two GRPO steps, step 2's update under torch.profiler (GPU-busy share, top kernels)
+#   bash bench/h200.sh profile   # three GRPO steps, step 3's update under torch.profiler (GPU-busy share, kernels)
+#   bash bench/h200.sh step      # align's GRPO steps alone (no TRL baseline), STEPS (3) steps, SET= overrides
+#   bash bench/h200.sh attention # packed rows' attention per new shape: SDPA with a mask vs varlen flash (torch only)
 #   bash bench/h200.sh rollout   # rollout at 1,024 requests: the engine's lean outputs vs vLLM's own detokenization
 #                                # and logprob dicts (same engine, interleaved), then in a second process vLLM's tuned
 #                                # fused-MoE config for H200 and N=1280 taken for V2-Lite's N=1408 (vLLM has none)
@@ -34,10 +36,18 @@ case "$1" in
       --name grpo_step_v2-lite_16x16_cuda 2>&1 | grep -v "^\s*$" | tee "$OUT/grpo_step.log" | tail -150
     ;;
   profile)
-    timeout 400 python bench/grpo_step.py --prompts 16 --steps 2 --profile-update 2 \
+    timeout 450 python bench/grpo_step.py --prompts 16 --steps 3 --profile-update 3 \
       --set grpo.mask_truncated=false "${ENGINE[@]}" "${SETS[@]}" --name grpo_step_profiled 2>&1 | grep -v "^\s*$" \
       | grep "policy_update\|align_step\|Error\|Traceback" | tee "$OUT/grpo_profile.log"
-    cp bench/results/profile_grpo_step_profiled_update2_cuda.txt "$OUT/" 2>/dev/null
+    cp bench/results/profile_grpo_step_profiled_update3_cuda.txt "$OUT/" 2>/dev/null
+    ;;
+  step)
+    timeout 580 python bench/grpo_step.py --prompts 16 --steps ${STEPS:-3} --set grpo.mask_truncated=false \
+      "${ENGINE[@]}" "${SETS[@]}" --name ${NAME:-grpo_step_align_v2-lite_cuda} 2>&1 | grep -v "^\s*$" \
+      | grep "align_step\|startup\|Error\|Traceback\|kernel cache" | tee -a "$OUT/grpo_step_align.log"
+    ;;
+  attention)
+    timeout 300 python bench/attention_shapes.py 2>&1 | tee "$OUT/attention_shapes.log" | tail -30
     ;;
   sft)
     timeout 580 python bench/sft_step.py --steps 200 --trl-steps 60 --work /tmp/sft-bench 2>&1 \
@@ -60,20 +70,17 @@ case "$1" in
       | grep "rollout_probe\|startup\|Error\|Traceback\|MoE config" | tee "$OUT/rollout_moe.log"
     ;;
   update)
-    # rows of 1,024 (math_rl.yaml) against 512 and 2,048, against no recomputation and recomputing only the first
-    # 14 or 20 of 27 layers, on ragged completions (ratios against the unpacked token budget; math_rl.yaml's passes
-    # before issue 17 are in the JSON of 2026-12-01); then every completion 256 tokens, as random weights sample them
-    # inside bench/grpo_step.py's steps, timed on the warm-up's batch and then on new batches (new shapes, as steps)
+    # issue 17's shape as bench/grpo_step.py samples it (256 rows, every completion 256 tokens, each timed iteration
+    # on a new batch, as steps bring new shapes): rows of 1,024 at token budgets 16,384 and 8,192, recomputing every,
+    # the first 20 or no layer, then no layer with compiled decoder layers; varlen flash attention, then (second
+    # process) transformers' block-diagonal mask
     export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-    timeout 250 python bench/grpo_update.py --rollout-shape --rollout-rows 256 --steps 1 --skip-defaults \
-      --no-baseline --budgets 16384 --pack 1024 512 2048 --recompute 14 20 \
-      --name grpo_update_levers_v2-lite_cuda 2>&1 | grep -v "^\s*$" | tee "$OUT/grpo_update.log" | tail -60
-    for fresh in "" --fresh-shapes; do
-      timeout 150 python bench/grpo_update.py --rollout-shape --rollout-rows 256 --completion-len 256 --steps 2 \
-        --skip-defaults --no-baseline --budgets 16384 --pack 1024 $fresh \
-        --name "grpo_update_fixed256${fresh:+_fresh}_cuda" 2>&1 | grep -v "^\s*$" \
-        | tee -a "$OUT/grpo_update_fixed.log" | tail -30
-    done
+    B="--rollout-shape --rollout-rows 256 --completion-len 256 --steps 1 --skip-defaults --no-baseline --packed-only"
+    timeout 430 python bench/grpo_update.py $B --fresh-shapes --budgets 16384 8192 --pack 1024 --recompute 20 \
+      --compile-layers --packed-attention varlen --name grpo_update_varlen_cuda 2>&1 | grep "tok_s':" \
+      | tee "$OUT/grpo_update.log"
+    timeout 140 python bench/grpo_update.py $B --fresh-shapes --budgets 16384 --pack 1024 --packed-attention mask \
+      --name grpo_update_mask_cuda 2>&1 | grep "tok_s':" | tee -a "$OUT/grpo_update.log"
     ;;
 esac
 find bench/results -name '*.json' -newer /tmp/stage_start -exec cp {} "$OUT/" \;  # this stage's only

@@ -67,9 +67,24 @@ def _write_cpu_experts(model, updates: dict) -> int:
     return len(updates)
 
 
+def _import_vllm() -> None:
+    """``import vllm``, keeping inductor's compile threads: vLLM's import sets them to one (for its worker
+    processes), and the trainer in this process would then compile its kernels and layers on one thread."""
+    import torch._inductor.config as inductor
+
+    threads, env = inductor.compile_threads, os.environ.get("TORCHINDUCTOR_COMPILE_THREADS")
+    import vllm  # noqa: F401
+
+    inductor.compile_threads = threads
+    if env is None:
+        os.environ.pop("TORCHINDUCTOR_COMPILE_THREADS", None)
+    else:
+        os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = env
+
+
 def vllm_available() -> bool:
     try:
-        import vllm  # noqa: F401
+        _import_vllm()
     except Exception:  # a broken install must fall back, not crash
         return False
     return True
@@ -169,6 +184,7 @@ class VLLMEngine:
         GB cards)."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        _import_vllm()
         from vllm import LLM
 
         _quiet_vllm()  # vLLM set up its handlers on import; again after start-up, which may replace them

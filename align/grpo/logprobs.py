@@ -9,6 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 from align.grpo.packing import pack
 from align.kernels import fused_logp_from_logits
+from align.kernels.varlen import packed_rows
 from align.moe import routed_tokens
 
 # Packed rows' widths are multiples of this (at most 1/8 of a 1,024-token row as filler, and at most 8 shapes per
@@ -80,9 +81,11 @@ def completion_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attenti
 def _packed_logprobs(decoder, head, input_ids, attention_mask, prompt_width, temperature, chunk_tokens,
                      with_entropy, pack_tokens):
     pk = pack(input_ids, attention_mask, prompt_width, pack_tokens, multiple=min(PACK_MULTIPLE, pack_tokens))
-    # No attention mask: transformers reads the restarting positions as sequence boundaries.
-    with routed_tokens(pk.real.reshape(-1)):
-        hidden = decoder(input_ids=pk.input_ids, position_ids=pk.position_ids, use_cache=False).last_hidden_state
+    # No attention mask: align_varlen attends within the sequences that cu_seq_lens delimit (SDPA and eager read the
+    # restarting positions as sequence boundaries instead).
+    with routed_tokens(pk.real.reshape(-1)), packed_rows():
+        hidden = decoder(input_ids=pk.input_ids, position_ids=pk.position_ids, use_cache=False,
+                         **pk.attention_kwargs).last_hidden_state
     h = hidden.reshape(-1, hidden.shape[-1])[pk.source]
     targets = input_ids[:, prompt_width:][pk.rows, pk.cols]
     logp, ent = token_logprobs(h[None], head, targets[None], temperature, chunk_tokens, with_entropy)

@@ -25,10 +25,19 @@ class Packed:
     source: torch.Tensor        # [M] flat index into [R * L] of the hidden state that predicts each completion token
     rows: torch.Tensor          # [M] row of that token in the padded batch
     cols: torch.Tensor          # [M] its completion column
+    cu_seqlens: torch.Tensor    # [S + 1] int32: where each of the S sequences (fillers included) starts in [R * L]
+    max_len: int                # an upper bound on their lengths (a multiple of ``multiple``)
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.input_ids.shape)
+
+    @property
+    def attention_kwargs(self) -> dict:
+        """The sequence boundaries under transformers' names for packed flash attention (``align_varlen`` reads
+        them too, :mod:`align.kernels.varlen`; SDPA and eager ignore them and build a mask from the positions)."""
+        return {"cu_seq_lens_q": self.cu_seqlens, "cu_seq_lens_k": self.cu_seqlens,
+                "max_length_q": self.max_len, "max_length_k": self.max_len}
 
 
 def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -69,7 +78,7 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: in
     n_cols = input_ids.shape[1]
     take = torch.full((len(bins), width), -1, dtype=torch.long)
     pos = torch.zeros((len(bins), width), dtype=torch.long)
-    source, rows, cols = [], [], []
+    source, rows, cols, seqs = [], [], [], []
     for r, b in enumerate(bins):
         at = 0
         for i in b:
@@ -81,9 +90,14 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: in
             rows.append(torch.full((lens_c[i],), i, dtype=torch.long))
             cols.append(torch.arange(lens_c[i]))
             at += lengths[i]
+            seqs.append(lengths[i])
         pos[r, at:] = torch.arange(width - at)  # the filler is one more sequence, never read
+        if at < width:
+            seqs.append(width - at)
     real = take >= 0
     device = input_ids.device
     ids = torch.where(real.to(device), input_ids.reshape(-1)[take.clamp_min(0).to(device)], pad_id)
+    cu = torch.tensor([0] + seqs).cumsum(0).to(device=device, dtype=torch.int32)
+    longest = -(-max(seqs) // multiple) * multiple  # rounded: flash attention's grid, few distinct values
     return Packed(ids, pos.to(device), real.to(device), torch.cat(source).to(device), torch.cat(rows).to(device),
-                  torch.cat(cols).to(device))
+                  torch.cat(cols).to(device), cu, min(longest, width))

@@ -5,7 +5,8 @@
   forward and the addmm dense LoRA forward (all through :func:`swap.swap_forwards`);
 - operators (``moe_ops.py``, ``lora_ops.py``): ``torch.library`` custom operators with fake kernels and
   hand-written backwards, opaque to ``torch.compile`` — the MoE dispatch/combine and the LoRA grouped linears;
-- Triton kernels (``triton_kernels.py``): what those operators run on CUDA tensors.
+- Triton kernels (``triton_kernels.py``): what those operators run on CUDA tensors;
+- attention (``varlen.py``): packed rows attend within their sequences (varlen flash attention, no mask).
 """
 
 from align.kernels.patches import (  # noqa: F401  (the names the rest of align uses)
@@ -17,3 +18,4 @@ from align.kernels.patches import (  # noqa: F401  (the names the rest of align 
     swiglu_grad,
     use_fused_kernels,
 )
+from align.kernels.varlen import packed_rows, use_varlen_attention  # noqa: F401

@@ -1,5 +1,6 @@
 """What align asks of vLLM: GPU graph defaults that ``rollout.engine_kwargs`` overrides, nothing extra on the CPU."""
 
+import os
 import sys
 import types
 
@@ -77,3 +78,23 @@ def test_kv_cache_gib_sizes_the_cache_on_gpus_only(fake_vllm, monkeypatch):
     assert _start(monkeypatch, cuda=True, kv_cache_gib=12)["kv_cache_memory_bytes"] == 12 * 2**30
     assert "kv_cache_memory_bytes" not in _start(monkeypatch, cuda=True)
     assert "kv_cache_memory_bytes" not in _start(monkeypatch, cuda=False, kv_cache_gib=12)
+
+
+def test_importing_vllm_keeps_the_trainers_inductor_compile_threads(tmp_path, monkeypatch):
+    """vLLM's import sets inductor to one compile thread (``vllm/env_override.py``); the engine puts the trainer's
+    setting back. A stand-in ``vllm`` package does what vLLM's import does."""
+    import torch._inductor.config as inductor
+
+    (tmp_path / "vllm").mkdir()
+    (tmp_path / "vllm" / "__init__.py").write_text(
+        "import os, torch._inductor.config as c\nos.environ['TORCHINDUCTOR_COMPILE_THREADS'] = '1'\n"
+        "c.compile_threads = 1\nclass LLM:\n    def __init__(self, **kw): pass\n"
+        "    def apply_model(self, fn): return 0\n")
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(inductor, "compile_threads", 7)
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    monkeypatch.setattr(vllm_engine, "_quiet_vllm", lambda: None)
+    _start(monkeypatch, cuda=False)
+    assert sys.modules["vllm"].__file__.startswith(str(tmp_path))  # the stand-in ran
+    assert inductor.compile_threads == 7 and "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ
