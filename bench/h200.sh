@@ -42,9 +42,13 @@ case "$1" in
     cp bench/results/profile_grpo_step_profiled_update3_cuda.txt "$OUT/" 2>/dev/null
     ;;
   step)
+    # RECOMPILES=1: also dynamo's reasons for every recompilation (TORCH_LOGS=recompiles), to tell why a step's
+    # compiled layers compile again
+    [ -n "${RECOMPILES:-}" ] && export TORCH_LOGS=recompiles
     timeout 580 python bench/grpo_step.py --prompts 16 --steps ${STEPS:-3} --set grpo.mask_truncated=false \
       "${ENGINE[@]}" "${SETS[@]}" --name ${NAME:-grpo_step_align_v2-lite_cuda} 2>&1 | grep -v "^\s*$" \
-      | grep "align_step\|startup\|Error\|Traceback\|kernel cache" | tee -a "$OUT/grpo_step_align.log"
+      | grep "align_step\|startup\|Error\|Traceback\|kernel cache\|__recompiles\]     -\|Recompiling" \
+      | tee -a "$OUT/grpo_step_align.log" | grep -v __recompiles
     ;;
   attention)
     timeout 300 python bench/attention_shapes.py 2>&1 | tee "$OUT/attention_shapes.log" | tail -30
