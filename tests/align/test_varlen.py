@@ -101,3 +101,18 @@ def test_packed_logprobs_and_gradients_equal_the_mask_path(checkpointing):
     (a, ga), (m, gm) = results
     assert torch.allclose(a, m, atol=1e-5) and ga.keys() == gm.keys() and len(ga) > 0
     assert all(torch.allclose(ga[n], gm[n], atol=1e-5) for n in ga)
+
+
+def test_generation_with_a_cache_is_unchanged():
+    """align_varlen without sequence lengths is transformers' SDPA path: greedy tokens of a left-padded batch equal
+    those of the same policy on plain SDPA (the HF engine and the fast decoder generate through it)."""
+    outs = []
+    for mode in ("varlen", "mask"):
+        torch.manual_seed(0)
+        policy = load_policy(ModelConfig(packed_attention=mode), LoraConfig(r=4, alpha=8))
+        ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+        mask = (ids != 0).long()
+        with torch.no_grad():
+            outs.append(policy.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                              pad_token_id=0))
+    assert torch.equal(outs[0], outs[1]) and outs[0].shape == (2, 11)
