@@ -116,8 +116,11 @@ def test_ctrl_c_ends_the_run_with_one_line(sft_checkpoint, tmp_path):
     import os
 
     out = tmp_path / "interrupted"
+    # As a terminal's job: a shell's background job (``make test-integration &``) starts with SIGINT ignored, which
+    # the run would inherit.
     proc = subprocess.Popen(_cmd(sft_checkpoint, out, "grpo.steps=50", "rollout.engine=hf"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
