@@ -8,7 +8,9 @@ parameters are applied as low-rank grouped products on the routed tokens only:
     y = grouped_mm(x, W) + s * grouped_mm(grouped_mm(x, A), B)
 
 which is the same function (same adapter, same saved format), with O(tokens x r) extra activations. The
-operators of :mod:`align.kernels.lora_ops` compute it with the low-rank term fused into the add (and into the SwiGLU).
+operators of :mod:`align.kernels.lora_ops` compute it with the low-rank term fused into the add (and into the SwiGLU);
+for SwiGLU experts the dispatch, both linears and the SwiGLU are one operator (``lora_expert_mlp``) that keeps less
+for the backward.
 Only the forward of the outermost wrapper changes; merging, disabling, saving and loading stay PEFT's.
 """
 
@@ -42,13 +44,13 @@ def _forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k
     counts = torch.histc(expert_ids.float() if expert_ids.device.type == "cpu" else expert_ids.int(),
                          bins=experts.num_experts, min=0, max=experts.num_experts - 1)
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    x = moe_ops.dispatch(hidden_states, perm, inv, k)
-    gate_up = (experts.gate_up_proj, *_factors(inner, adapters[0]), offs)
-    if experts.config.hidden_act == "silu":
-        h = lora_ops.swiglu_linear(x, *gate_up)
+    gate_up = (experts.gate_up_proj, *_factors(inner, adapters[0]))
+    down = (experts.down_proj, *_factors(self, adapters[0]))
+    if experts.config.hidden_act == "silu":  # dispatch, SwiGLU and both linears in one operator (less kept)
+        out = lora_ops.expert_mlp(hidden_states, perm, k, gate_up, down, offs)
     else:
-        h = _act(experts, lora_ops.linear(x, *gate_up))
-    out = lora_ops.linear(h, experts.down_proj, *_factors(self, adapters[0]), offs)
+        h = _act(experts, lora_ops.linear(moe_ops.dispatch(hidden_states, perm, inv, k), *gate_up, offs))
+        out = lora_ops.linear(h, *down, offs)
     weights = top_k_weights.reshape(-1, k).to(out.dtype)
     return moe_ops.combine(out, weights, inv).to(hidden_states.dtype)
 
