@@ -51,7 +51,7 @@ def block_mask(segs: list[list[int]], width: int, device) -> torch.Tensor:
     return (ids[:, :, None] == ids[:, None, :]) & causal
 
 
-def timed(fn, sync=True) -> float:
+def timed(fn) -> float:
     torch.cuda.synchronize()
     t = time.perf_counter()
     fn()

@@ -149,7 +149,7 @@ def parse_args() -> argparse.Namespace:
                     help="with --pack: the first pack size again, recomputing only the first N decoder layers "
                          "(model.recompute_layers; the other layers keep their activations)")
     ap.add_argument("--packed-only", action="store_true", help="with --pack: no unpacked token-budget rows")
-    ap.add_argument("--packed-attention", default="varlen", choices=["varlen", "mask"],
+    ap.add_argument("--packed-attention", default=ModelConfig().packed_attention, choices=["varlen", "mask"],
                     help="model.packed_attention: varlen flash attention or transformers' block-diagonal mask")
     ap.add_argument("--name", default=None)
     ap.add_argument("--skip-defaults", action="store_true", help="no rows before the budget rows except the first")

@@ -74,7 +74,7 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: in
     lens_c = attention_mask[:, prompt_width:].sum(-1).tolist()
     lengths = [p + c for p, c in zip(lens_p, lens_c)]
     bins = first_fit(lengths, max(row_tokens, max(lengths, default=1)))
-    width = -(-max(sum(lengths[i] for i in b) for b in bins) // multiple) * multiple
+    width = _round_up(max(sum(lengths[i] for i in b) for b in bins), multiple)
     n_cols = input_ids.shape[1]
     take = torch.full((len(bins), width), -1, dtype=torch.long)
     pos = torch.zeros((len(bins), width), dtype=torch.long)
@@ -98,6 +98,10 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: in
     device = input_ids.device
     ids = torch.where(real.to(device), input_ids.reshape(-1)[take.clamp_min(0).to(device)], pad_id)
     cu = torch.tensor([0] + seqs).cumsum(0).to(device=device, dtype=torch.int32)
-    longest = -(-max(seqs) // multiple) * multiple  # rounded: flash attention's grid, few distinct values
+    longest = min(_round_up(max(seqs), multiple), width)  # rounded: flash attention's grid, few distinct values
     return Packed(ids, pos.to(device), real.to(device), torch.cat(source).to(device), torch.cat(rows).to(device),
-                  torch.cat(cols).to(device), cu, min(longest, width))
+                  torch.cat(cols).to(device), cu, longest)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple

@@ -47,7 +47,7 @@ def _forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k
     gate_up = (experts.gate_up_proj, *_factors(inner, adapters[0]))
     down = (experts.down_proj, *_factors(self, adapters[0]))
     if experts.config.hidden_act == "silu":  # dispatch, SwiGLU and both linears in one operator (less kept)
-        out = lora_ops.expert_mlp(hidden_states, perm, k, gate_up, down, offs)
+        out = lora_ops.expert_mlp(hidden_states, perm, inv, k, gate_up, down, offs)
     else:
         h = _act(experts, lora_ops.linear(moe_ops.dispatch(hidden_states, perm, inv, k), *gate_up, offs))
         out = lora_ops.linear(h, *down, offs)

@@ -159,12 +159,14 @@ lora_swiglu_linear.register_autograd(_swiglu_linear_backward, setup_context=_swi
 
 
 @torch.library.custom_op("align::lora_expert_mlp", mutates_args=())
-def lora_expert_mlp(hidden: torch.Tensor, perm: torch.Tensor, k: int, gu_weight: torch.Tensor, gu_down: torch.Tensor,
-                    gu_up: torch.Tensor, d_weight: torch.Tensor, d_down: torch.Tensor, d_up: torch.Tensor,
-                    offs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def lora_expert_mlp(hidden: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor, k: int, gu_weight: torch.Tensor,
+                    gu_down: torch.Tensor, gu_up: torch.Tensor, d_weight: torch.Tensor, d_down: torch.Tensor,
+                    d_up: torch.Tensor, offs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                     torch.Tensor]:
     """The routed experts' adapted SwiGLU MLP, dispatch included: (out, gate_up, xa1, xa2) with out [S, H] =
     :func:`lora_linear` (down) of :func:`lora_swiglu_linear` (gate_up) of x = hidden[perm // k] ([T, H] tokens to
-    S = T*k rows in expert order); the rest is kept for the backward.
+    S = T*k rows in expert order; ``inv`` inverts ``perm``, as for ``moe_ops.dispatch``); the rest is kept for the
+    backward.
 
     Same function as ``dispatch`` -> ``swiglu_linear`` -> ``linear``, but the backward keeps less: the tokens [T, H]
     (held anyway by the layer) instead of their expert-order copy x [S, H], and no SwiGLU output [S, I] (recomputed
@@ -176,7 +178,7 @@ def lora_expert_mlp(hidden: torch.Tensor, perm: torch.Tensor, k: int, gu_weight:
 
 
 @lora_expert_mlp.register_fake
-def _(hidden, perm, k, gu_weight, gu_down, gu_up, d_weight, d_down, d_up, offs):
+def _(hidden, perm, inv, k, gu_weight, gu_down, gu_up, d_weight, d_down, d_up, offs):
     rows = perm.shape[0]
     return (hidden.new_empty(rows, d_weight.shape[1], dtype=d_weight.dtype),
             hidden.new_empty(rows, gu_weight.shape[1], dtype=gu_weight.dtype),
@@ -185,33 +187,31 @@ def _(hidden, perm, k, gu_weight, gu_down, gu_up, d_weight, d_down, d_up, offs):
 
 
 def _mlp_setup(ctx, inputs, output):
-    hidden, perm, k, gu_weight, gu_down, gu_up, d_weight, d_down, d_up, offs = inputs
+    hidden, perm, inv, k, gu_weight, gu_down, gu_up, d_weight, d_down, d_up, offs = inputs
     ctx.mark_non_differentiable(*output[1:])
     ctx.k = k
-    ctx.save_for_backward(hidden, perm, output[1], output[2], output[3], gu_weight, gu_down, gu_up, d_weight, d_down,
-                          d_up, offs)
+    ctx.save_for_backward(hidden, perm, inv, output[1], output[2], output[3], gu_weight, gu_down, gu_up, d_weight,
+                          d_down, d_up, offs)
 
 
 def _mlp_backward(ctx, grad, *_):
-    hidden, perm, gate_up, xa1, xa2, gu_weight, gu_down, gu_up, d_weight, d_down, d_up, offs = ctx.saved_tensors
+    hidden, perm, inv, gate_up, xa1, xa2, gu_weight, gu_down, gu_up, d_weight, d_down, d_up, offs = ctx.saved_tensors
     h = _swiglu_of(gate_up, xa1, gu_up.contiguous(), offs)
     grad_h, g_d_down, g_d_up = lora_linear_backward(grad, h, xa2, d_weight, d_down, d_up, offs)
     del h
     pre = lora_swiglu_backward(gate_up, xa1, gu_up, offs, grad_h.to(gate_up.dtype))
     x = hidden.index_select(0, perm // ctx.k)
     grad_x, g_gu_down, g_gu_up = lora_linear_backward(pre, x, xa1, gu_weight, gu_down, gu_up, offs)
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel(), device=perm.device)
     grad_hidden = moe_ops.gather_sum(grad_x.to(hidden.dtype), inv, ctx.k)
-    return grad_hidden, None, None, None, g_gu_down, g_gu_up, None, g_d_down, g_d_up, None
+    return grad_hidden, None, None, None, None, g_gu_down, g_gu_up, None, g_d_down, g_d_up, None
 
 
 lora_expert_mlp.register_autograd(_mlp_backward, setup_context=_mlp_setup)
 
 
-def expert_mlp(hidden, perm, k, gate_up: tuple, down: tuple, offs) -> torch.Tensor:
+def expert_mlp(hidden, perm, inv, k, gate_up: tuple, down: tuple, offs) -> torch.Tensor:
     """out [T*k, H] of :func:`lora_expert_mlp`; ``gate_up`` and ``down`` are (weight, down factor, up factor)."""
-    return lora_expert_mlp(hidden, perm, k, *gate_up, *down, offs)[0]
+    return lora_expert_mlp(hidden, perm, inv, k, *gate_up, *down, offs)[0]
 
 
 def linear(x, weight, down, up, offs) -> torch.Tensor:

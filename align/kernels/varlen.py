@@ -87,8 +87,9 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
     q = query.transpose(1, 2).reshape(b * s, h, dqk)
     k = key.transpose(1, 2).reshape(b * s, h, dqk)
     # Flash attention wants one head width: MLA's values (128) are zero-padded to the keys' (192), then cut.
-    v = F.pad(value.transpose(1, 2).reshape(b * s, h, dv), (0, dqk - dv)) if dv < dqk else \
-        value.transpose(1, 2).reshape(b * s, h, dv)
+    v = value.transpose(1, 2).reshape(b * s, h, dv)
+    if dv < dqk:
+        v = F.pad(v, (0, dqk - dv))
     n = int(max_length_q) if max_length_q is not None else s
     out = flash(q, k, v, cu_seq_lens_q, cu_seq_lens_q, n, n, scale=scaling, **causal)
     return out[..., :dv].reshape(b, s, h, dv), None

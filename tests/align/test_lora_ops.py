@@ -138,43 +138,45 @@ def _mlp_problem(dtype=torch.float32, seed=5):
     k, e = 2, 4
     top = torch.stack([torch.randperm(3, generator=g)[:k] for _ in range(6)])  # experts 0-2; 3 stays empty
     ids, perm = torch.sort(top.reshape(-1))
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel())
     offs = torch.bincount(ids, minlength=e).cumsum(0).to(torch.int32)
     make = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)  # noqa: E731
     hidden = make(6, 8)
     gate_up = (make(e, 16, 8), make(e, 8, 4), make(e, 4, 16))
     down = (make(e, 8, 8), make(e, 8, 4), make(e, 4, 8))
-    return hidden, perm, k, gate_up, down, offs
+    return hidden, perm, inv, k, gate_up, down, offs
 
 
-def _mlp_chain(hidden, perm, k, gate_up, down, offs):
+def _mlp_chain(hidden, perm, inv, k, gate_up, down, offs):
     """The same MLP through the separate operators (dispatch -> SwiGLU linear -> linear)."""
     from align.kernels import moe_ops
 
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel())
     x = moe_ops.dispatch(hidden, perm, inv, k)
     return lora_ops.linear(lora_ops.swiglu_linear(x, gate_up[0], gate_up[1], gate_up[2], offs), *down, offs)
 
 
 def test_expert_mlp_equals_the_chain_of_operators_and_finite_differences():
-    hidden, perm, k, gate_up, down, offs = _mlp_problem()
+    hidden, perm, inv, k, gate_up, down, offs = _mlp_problem()
     leaves = lambda: [t.clone().requires_grad_() for t in (hidden, gate_up[1], gate_up[2], down[1], down[2])]  # noqa
     a, b = leaves(), leaves()
-    got = lora_ops.expert_mlp(a[0], perm, k, (gate_up[0], a[1], a[2]), (down[0], a[3], a[4]), offs)
-    want = _mlp_chain(b[0], perm, k, (gate_up[0], b[1], b[2]), (down[0], b[3], b[4]), offs)
+    got = lora_ops.expert_mlp(a[0], perm, inv, k, (gate_up[0], a[1], a[2]), (down[0], a[3], a[4]), offs)
+    want = _mlp_chain(b[0], perm, inv, k, (gate_up[0], b[1], b[2]), (down[0], b[3], b[4]), offs)
     torch.testing.assert_close(got, want)
     grad = torch.randn_like(want)
     for x, y in zip(torch.autograd.grad(got, a, grad), torch.autograd.grad(want, b, grad)):
         torch.testing.assert_close(x, y)
-    h64, perm, k, gu64, d64, offs = _mlp_problem(torch.float64)
+    h64, perm, inv, k, gu64, d64, offs = _mlp_problem(torch.float64)
     args = [t.requires_grad_() for t in (h64, gu64[1], gu64[2], d64[1], d64[2])]
     assert torch.autograd.gradcheck(
-        lambda h, a1, b1, a2, b2: lora_ops.expert_mlp(h, perm, k, (gu64[0], a1, b1), (d64[0], a2, b2), offs), args)
+        lambda h, a1, b1, a2, b2: lora_ops.expert_mlp(h, perm, inv, k, (gu64[0], a1, b1), (d64[0], a2, b2), offs),
+        args)
 
 
 def test_expert_mlp_keeps_neither_the_dispatched_tokens_nor_the_swiglu_output():
-    """What the backward keeps, counted by saved-tensor hooks: the chain keeps x [S, H] and h [S, I] more."""
-    hidden, perm, k, gate_up, down, offs = _mlp_problem()
+    """What the backward keeps, counted by saved-tensor hooks: the chain keeps x [S, H] and h [S, I] more, the
+    fused operator the sort order ``perm`` [S] (to gather x again; both keep ``inv``)."""
+    hidden, perm, inv, k, gate_up, down, offs = _mlp_problem()
 
     def saved_bytes(fn) -> int:
         seen: dict[int, int] = {}
@@ -184,18 +186,18 @@ def test_expert_mlp_keeps_neither_the_dispatched_tokens_nor_the_swiglu_output():
             return t
         h = hidden.clone().requires_grad_()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn(h, perm, k, gate_up, down, offs)
+            fn(h, perm, inv, k, gate_up, down, offs)
         seen.pop(h.untyped_storage().data_ptr(), None)  # the layer holds its input either way
         return sum(seen.values())
 
     rows, width = perm.numel(), hidden.shape[1] + down[0].shape[2]  # S rows of H + I values
     fused = saved_bytes(lambda h, *a: lora_ops.expert_mlp(h, *a))
-    assert saved_bytes(_mlp_chain) - fused == rows * width * hidden.element_size()
+    assert saved_bytes(_mlp_chain) - fused == rows * width * hidden.element_size() - perm.nbytes
 
 
 def test_expert_mlp_fake_kernel_and_one_compiled_graph():
-    hidden, perm, k, gate_up, down, offs = _mlp_problem(seed=6)
-    torch.library.opcheck(lora_ops.lora_expert_mlp, (hidden, perm, k, *gate_up, *down, offs),
+    hidden, perm, inv, k, gate_up, down, offs = _mlp_problem(seed=6)
+    torch.library.opcheck(lora_ops.lora_expert_mlp, (hidden, perm, inv, k, *gate_up, *down, offs),
                           test_utils=("test_schema", "test_faketensor"))
-    explained = torch._dynamo.explain(lora_ops.expert_mlp)(hidden, perm, k, gate_up, down, offs)
+    explained = torch._dynamo.explain(lora_ops.expert_mlp)(hidden, perm, inv, k, gate_up, down, offs)
     assert explained.graph_break_count == 0 and explained.graph_count == 1

@@ -47,7 +47,7 @@ def test_fused_expert_mlp_equals_the_chain_on_cuda():
     hidden = make(512, 2048)
     leaves = lambda: [t.clone().requires_grad_() for t in (hidden, gate_up[1], gate_up[2], down[1], down[2])]  # noqa
     a, b = leaves(), leaves()
-    got = lora_ops.expert_mlp(a[0], perm, 6, (gate_up[0], a[1], a[2]), (down[0], a[3], a[4]), offs)
+    got = lora_ops.expert_mlp(a[0], perm, inv, 6, (gate_up[0], a[1], a[2]), (down[0], a[3], a[4]), offs)
     x = moe_ops.dispatch(b[0], perm, inv, 6)
     want = lora_ops.linear(lora_ops.swiglu_linear(x, gate_up[0], b[1], b[2], offs), down[0], b[3], b[4], offs)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
