@@ -178,7 +178,7 @@ def profile_update(nth: int, name: str) -> None:
 
 def phase_shares(m: dict) -> dict:
     """Each phase's fraction of the step's wall time."""
-    names = ("rollout", "score", "logprobs", "update", "sync", "sleep", "wake")
+    names = ("rollout", "score", "logprobs", "update", "sync", "sleep", "wake", "offload", "restore")
     return {n: m[f"time/{n}"] / m["time/step"] for n in names if f"time/{n}" in m and m.get("time/step")}
 
 

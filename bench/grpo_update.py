@@ -217,10 +217,10 @@ def main() -> None:
     else:
         batches = [synthetic_batch(a.rows, 256 if v2 else 16, 1792 if v2 else 48, vocab).to(device)]
     batch = batches[0]
-    res = {"shape": a.shape, "packed_attention": a.packed_attention, "rows_per_minibatch": a.rows,
+    cfg = GRPOConfig(minibatch_size=batch.size // 4 if a.rollout_shape else a.rows, beta=0.04, mu=1)
+    res = {"shape": a.shape, "packed_attention": a.packed_attention, "rows_per_minibatch": cfg.minibatch_size,
            "micro_batch_size": a.micro,
            "real_tokens": int(batch.attention_mask.sum()), "padded_tokens": batch.attention_mask.numel(), "rows": {}}
-    cfg = GRPOConfig(minibatch_size=batch.size // 4 if a.rollout_shape else a.rows, beta=0.04, mu=1)
     plan = plan_rows(a)
     original = UpdateBatch.micro_batches
     for name, micro, ckpt, split in plan:

@@ -61,11 +61,13 @@ def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int, row_tokens: int,
-         pad_id: int = 0, multiple: int = 1) -> Packed:
+         pad_id: int = 0, multiple: int = 1, min_rows: int = 1) -> Packed:
     """Pack a left-padded-prompt / right-padded-completion batch ([N, P + C], see ``UpdateBatch``).
 
     The rows' width is rounded up to ``multiple`` (filler): micro-batches then share a few shapes, so
     shape-keyed work on the GPU (cuDNN attention plans, kernel specialisations) is not redone for every one.
+    Fewer than ``min_rows`` rows get rows of filler only: compiled layers specialise a row count of 1 (dynamo's 0/1
+    specialisation), so a lone row would compile every layer again (the H200's step 2: 40 s more update).
 
     Row i's real tokens are the contiguous span ``[P - prompt_len_i, P + completion_len_i)``; its completion
     token j is predicted by the hidden state one place before it in the packed row.
@@ -74,6 +76,7 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: in
     lens_c = attention_mask[:, prompt_width:].sum(-1).tolist()
     lengths = [p + c for p, c in zip(lens_p, lens_c)]
     bins = first_fit(lengths, max(row_tokens, max(lengths, default=1)))
+    bins += [[] for _ in range(min_rows - len(bins))]
     width = _round_up(max(sum(lengths[i] for i in b) for b in bins), multiple)
     n_cols = input_ids.shape[1]
     take = torch.full((len(bins), width), -1, dtype=torch.long)

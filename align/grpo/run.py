@@ -21,6 +21,7 @@ from align.dist import Dist
 from align.errors import AlignError
 from align.grpo.logprobs import CompletionLogprobs
 from align.moe import ExpertMonitor, RouterReplay
+from align.offload import FrozenOffload
 from align.stage import make_monitor
 from align.policy import Policy, load_policy
 from rewards import Combined
@@ -78,14 +79,27 @@ class GRPORun:
     """The trainer's weights changed since the engine last took them."""
     startup: dict = field(default_factory=dict)
 
+    offload: FrozenOffload | None = None
+    """``rollout.offload_policy_weights``: the trainer's frozen weights, out of the device during the rollout."""
+
     def ready_engine(self, metrics: dict) -> None:
-        """Wake the engine for generation, syncing the policy into it first if it changed."""
+        """Wake the engine for generation, syncing the policy into it first if it changed; with ``offload``, the
+        trainer's frozen weights leave the device after the sync, before the engine's KV cache is allocated."""
         changed = self.engine_stale or getattr(self.engine, "needs_full_sync", False)
-        push = self.push_weights if changed and not self.engine.shares_weights else None
+        sync = changed and not self.engine.shares_weights
+
+        def between(full: bool) -> None:  # the engine's weights are awake, its KV cache not yet
+            if sync:
+                self.push_weights(full)
+            if self.offload is not None:
+                with timed(metrics, "offload"):
+                    self.offload.offload()
+
         with timed(metrics, "wake"):
-            self.engine.wake_up(push)
+            self.engine.wake_up(between if sync or self.offload is not None else None)
         metrics.setdefault("time/sync", 0.0)
-        if push is not None:
+        metrics["time/wake"] -= metrics.get("time/offload", 0.0)
+        if sync:
             metrics["time/wake"] -= self.engine.last_sync.get("seconds", 0.0)
             metrics["time/sync"] = self.engine.last_sync.get("seconds", 0.0)
             metrics["sync/params"] = self.engine.last_sync.get("params", 0)
@@ -99,6 +113,9 @@ class GRPORun:
     def release_engine(self, metrics: dict) -> None:
         with timed(metrics, "sleep"):
             self.engine.sleep()
+        if self.offload is not None:
+            with timed(metrics, "restore"):
+                self.offload.restore()
 
 
 def within_length(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
@@ -150,4 +167,19 @@ def setup(cfg: AlignConfig, dist: Dist, rows: list[dict], rewards: Combined, pol
                    monitor=monitor, replay=RouterReplay(policy.model) if g.router_replay else None,
                    need_old=(g.mu > 1 or g.router_replay
                              or g.prompts_per_step * cfg.rollout.num_generations > g.minibatch_size),
-                   startup=startup)
+                   startup=startup, offload=_offload(cfg, dist, policy, engine))
+
+
+def _offload(cfg: AlignConfig, dist: Dist, policy: Policy, engine) -> FrozenOffload | None:
+    if not cfg.rollout.offload_policy_weights:
+        return None
+    if engine.shares_weights:
+        raise AlignError(f"rollout.offload_policy_weights: the {type(engine).__name__} generates from the trainer's "
+                         "own weights, which cannot leave the device (use rollout.engine=vllm)")
+    if dist.shards_params:
+        raise AlignError(f"rollout.offload_policy_weights: {dist.backend} shards the weights itself (use its own "
+                         "parameter offload)")
+    offload = FrozenOffload(policy.model)
+    log.info("rollout.offload_policy_weights: %.2f GiB of frozen weights wait in host memory during rollouts",
+             offload.nbytes / 2**30)
+    return offload

@@ -120,6 +120,18 @@ def _swiglu_of(gate_up: torch.Tensor, xa: torch.Tensor, up: torch.Tensor, offs: 
     return patches.swiglu(gate_up + _gmm(xa, up, offs)).to(gate_up.dtype)
 
 
+@torch.library.custom_op("align::lora_swiglu", mutates_args=())
+def lora_swiglu(gate_up: torch.Tensor, xa: torch.Tensor, up: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """:func:`_swiglu_of` as an operator, for backwards that recompute h [S, I]: a traced (compiled) backward may
+    only call operators, never the Triton kernel itself."""
+    return _swiglu_of(gate_up, xa, up.contiguous(), offs)
+
+
+@lora_swiglu.register_fake
+def _(gate_up, xa, up, offs):
+    return gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+
+
 @lora_swiglu_linear.register_fake
 def _(x, weight, down, up, offs):
     rows, out = x.shape[0], weight.shape[1]
@@ -196,7 +208,7 @@ def _mlp_setup(ctx, inputs, output):
 
 def _mlp_backward(ctx, grad, *_):
     hidden, perm, inv, gate_up, xa1, xa2, gu_weight, gu_down, gu_up, d_weight, d_down, d_up, offs = ctx.saved_tensors
-    h = _swiglu_of(gate_up, xa1, gu_up.contiguous(), offs)
+    h = lora_swiglu(gate_up, xa1, gu_up, offs)
     grad_h, g_d_down, g_d_up = lora_linear_backward(grad, h, xa2, d_weight, d_down, d_up, offs)
     del h
     pre = lora_swiglu_backward(gate_up, xa1, gu_up, offs, grad_h.to(gate_up.dtype))

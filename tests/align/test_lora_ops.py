@@ -201,3 +201,27 @@ def test_expert_mlp_fake_kernel_and_one_compiled_graph():
                           test_utils=("test_schema", "test_faketensor"))
     explained = torch._dynamo.explain(lora_ops.expert_mlp)(hidden, perm, inv, k, gate_up, down, offs)
     assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+def test_expert_mlp_backward_traces_through_operators_only(monkeypatch):
+    """A compiled layer's backward is traced with fake tensors: the recomputed SwiGLU must be an operator there,
+    or on CUDA the trace reaches the Triton launch itself (the H200 failed with "Cannot access data pointer of
+    Tensor" inside ``model.compile_layers``). The SwiGLU helper may only ever see real tensors."""
+    hidden, perm, inv, k, gate_up, down, offs = _mlp_problem(seed=7)
+    swiglu_of = lora_ops._swiglu_of
+
+    def real_only(*tensors):
+        assert all(type(t) is torch.Tensor for t in tensors), [type(t).__name__ for t in tensors]
+        return swiglu_of(*tensors)
+
+    monkeypatch.setattr(lora_ops, "_swiglu_of", real_only)
+    leaves = lambda: [t.clone().requires_grad_() for t in (hidden, gate_up[1], gate_up[2], down[1], down[2])]  # noqa
+    f = lambda h, a1, b1, a2, b2: lora_ops.expert_mlp(h, perm, inv, k, (gate_up[0], a1, b1),  # noqa: E731
+                                                      (down[0], a2, b2), offs)
+    a, b = leaves(), leaves()
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(*a)
+    want = f(*b)
+    torch.testing.assert_close(got, want)
+    w = torch.randn_like(want)
+    for x, y in zip(torch.autograd.grad(got, a, w), torch.autograd.grad(want, b, w)):
+        torch.testing.assert_close(x, y)

@@ -169,3 +169,44 @@ def test_real_token_budget_groups_by_own_length():
     # own lengths 10 8 6 6 10 11 11 7; completions 4 2 3 3 4 5 7 3 (prompt width 6), longest completion first
     assert [q.tolist() for q in parts] == [[6], [5], [0, 4], [2, 3, 7], [1]]  # 11 | 11 | 20 | 19 | 8
     assert [q.tolist() for q in batch.by_tokens(20)] == [[6], [5], [0, 4], [2, 3], [7, 1]]  # 2 x (6 + 4) ...
+
+
+def test_min_rows_adds_filler_rows_that_change_no_logprob():
+    policy, batch = _policy(), _ragged()
+    one = pack(batch.input_ids, batch.attention_mask, batch.prompt_width, 10_000)
+    two = pack(batch.input_ids, batch.attention_mask, batch.prompt_width, 10_000, min_rows=2)
+    assert one.shape[0] == 1 and two.shape == (2, one.shape[1]) and not two.real[1].any()
+    assert two.cu_seqlens[-1] == two.input_ids.numel() and two.position_ids[1].tolist() == list(range(one.shape[1]))
+    assert torch.equal(two.source, one.source)
+    decoder = policy.model.get_base_model().model
+    with torch.no_grad():
+        h1, h2 = (decoder(input_ids=pk.input_ids, position_ids=pk.position_ids, use_cache=False,
+                          **pk.attention_kwargs).last_hidden_state.flatten(0, 1)[pk.source] for pk in (one, two))
+    torch.testing.assert_close(h2, h1)
+
+
+def test_compiled_layers_do_not_compile_again_for_a_lone_packed_row():
+    """Training passes through compiled layers: a micro-batch packed into one row is given a filler row, so the
+    graphs compiled for it serve later row counts (without it, dynamo's 0/1 specialisation compiles again)."""
+    from align.kernels.patches import compile_decoder_layers
+
+    policy, batch = _policy(), _ragged()
+    compiles = []
+
+    def backend(gm, inputs):
+        compiles.append(1)
+        return gm.forward
+
+    assert compile_decoder_layers(policy.model, backend=backend) > 0
+    policy.model.train()
+    small, large = batch, _ragged(40, seed=1)  # all in one row of 128 / rows of 128 at pack_tokens=128
+    counts, rows = [], []
+    for b in (large, small, large):
+        rows.append(pack(b.input_ids, b.attention_mask, b.prompt_width, 128, multiple=128).shape)
+        logp, _ = completion_logprobs(policy.model, b.input_ids, b.attention_mask, b.position_ids, b.prompt_width,
+                                      pack_tokens=128)
+        logp.sum().backward()
+        counts.append(len(compiles))
+    assert rows[1] == (1, 128) and rows[0][0] > 2 and rows[0][1] == 128
+    assert counts[0] > 0 and counts[1] == counts[2] == counts[0], counts
+    torch._dynamo.reset()

@@ -32,9 +32,8 @@ def test_flash_varlen_matches_the_block_diagonal_reference():
         assert ((a.float() - b.float()).norm() / b.float().norm()) < 2e-2
 
 
-def test_fused_expert_mlp_equals_the_chain_on_cuda():
-    """V2-Lite's routed MLP widths (H 2048, I 1408, top-6 of 64, rank 16), 512 tokens: the one-operator MLP (which
-    recomputes the SwiGLU in its backward) gives the chain's output and gradients (same kernels, same order)."""
+def _mlp_problem():
+    """V2-Lite's routed MLP widths (H 2048, I 1408, top-6 of 64, rank 16), 512 tokens."""
     g = torch.Generator(device="cuda").manual_seed(0)
     make = lambda *s: (torch.randn(*s, device="cuda", generator=g) * 0.05).bfloat16()  # noqa: E731
     top = torch.rand(512, 64, device="cuda", generator=g).topk(6, -1).indices
@@ -46,11 +45,32 @@ def test_fused_expert_mlp_equals_the_chain_on_cuda():
     down = (make(64, 2048, 1408), make(64, 1408, 16), make(64, 16, 2048))
     hidden = make(512, 2048)
     leaves = lambda: [t.clone().requires_grad_() for t in (hidden, gate_up[1], gate_up[2], down[1], down[2])]  # noqa
+    return g, perm, inv, offs, gate_up, down, leaves
+
+
+def test_fused_expert_mlp_equals_the_chain_on_cuda():
+    """The one-operator MLP (which recomputes the SwiGLU in its backward) gives the chain's output and gradients
+    (same kernels, same order)."""
+    g, perm, inv, offs, gate_up, down, leaves = _mlp_problem()
     a, b = leaves(), leaves()
     got = lora_ops.expert_mlp(a[0], perm, inv, 6, (gate_up[0], a[1], a[2]), (down[0], a[3], a[4]), offs)
     x = moe_ops.dispatch(b[0], perm, inv, 6)
     want = lora_ops.linear(lora_ops.swiglu_linear(x, gate_up[0], b[1], b[2], offs), down[0], b[3], b[4], offs)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    w = torch.randn(got.shape, device="cuda", generator=g).bfloat16()
+    for p, q in zip(torch.autograd.grad(got, a, w), torch.autograd.grad(want, b, w)):
+        torch.testing.assert_close(p, q, rtol=1e-2, atol=1e-3)
+
+
+def test_fused_expert_mlp_compiles_on_cuda():
+    """Inside a compiled decoder layer (``model.compile_layers``) inductor traces the operator's backward: it runs
+    (no Triton launch on fake tensors) and equals the eager operator."""
+    g, perm, inv, offs, gate_up, down, leaves = _mlp_problem()
+    f = lambda h, a1, b1, a2, b2: lora_ops.expert_mlp(h, perm, inv, 6, (gate_up[0], a1, b1),  # noqa: E731
+                                                      (down[0], a2, b2), offs)
+    a, b = leaves(), leaves()
+    got, want = torch.compile(f, dynamic=True)(*a), f(*b)
+    torch.testing.assert_close(got, want)
     w = torch.randn(got.shape, device="cuda", generator=g).bfloat16()
     for p, q in zip(torch.autograd.grad(got, a, w), torch.autograd.grad(want, b, w)):
         torch.testing.assert_close(p, q, rtol=1e-2, atol=1e-3)

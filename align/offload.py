@@ -1,0 +1,75 @@
+"""The policy's frozen weights parked in pinned host memory while a colocated engine generates.
+
+With LoRA the base weights never change, yet a colocated rollout holds them twice: the trainer's copy and the
+engine's. :class:`FrozenOffload` moves the trainer's frozen parameters to host memory once the engine has taken
+the weights and gives them back after the engine sleeps (verl's param offload, for the frozen part only), so the
+rollout holds one copy. Parameter objects stay the same (the optimizer, hooks and compiled graphs keep their
+references); only ``param.data`` moves.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class FrozenOffload:
+    """Frozen parameters of ``model`` on an accelerator <-> reused pinned host buffers.
+
+    ``accelerator_only`` (default): parameters already in host memory are left alone, so on a CPU run this is a
+    no-op. Trainable parameters (adapters) never move: their optimizer state stays where it is.
+
+    >>> m = torch.nn.Linear(2, 2); _ = m.bias.requires_grad_(False)
+    >>> off = FrozenOffload(m, accelerator_only=False); off.offload(); off.offloaded, off.nbytes
+    (True, 8)
+    >>> off.restore(); off.offloaded
+    False
+    """
+
+    def __init__(self, model: torch.nn.Module, accelerator_only: bool = True):
+        seen: set[int] = set()
+        self.params: list[torch.nn.Parameter] = []
+        for p in model.parameters():
+            if p.requires_grad or id(p) in seen or (accelerator_only and p.device.type == "cpu"):
+                continue
+            seen.add(id(p))
+            self.params.append(p)
+        self.host: list[torch.Tensor] | None = None
+        self.devices: list[torch.device] = [p.device for p in self.params]
+        self.offloaded = False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.params)
+
+    def _buffers(self) -> list[torch.Tensor]:
+        # Allocated on first use and kept: pinning ~30 GB costs seconds, once per run instead of every step.
+        if self.host is None:
+            pin = torch.cuda.is_available() and any(d.type == "cuda" for d in self.devices)
+            self.host = [torch.empty_like(p.data, device="cpu") for p in self.params]
+            if pin:
+                self.host = [h.pin_memory() for h in self.host]
+        return self.host
+
+    def offload(self) -> None:
+        """Copy every frozen weight to host memory and free its accelerator memory (no-op when already out)."""
+        if self.offloaded or not self.params:
+            return
+        host = self._buffers()
+        for p, h in zip(self.params, host):
+            h.copy_(p.data, non_blocking=True)
+        if any(d.type == "cuda" for d in self.devices):
+            torch.cuda.synchronize()  # the host copies are complete before anything reads or reuses them
+        for p, h in zip(self.params, host):
+            p.data = h
+        self.offloaded = True
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the engine's allocator is its own: hand the freed blocks back to the driver
+
+    def restore(self) -> None:
+        """Frozen weights back on their devices. The copies are queued on the current stream (pinned sources), so
+        the host goes on while they run and the next kernel that reads a weight runs after its copy."""
+        if not self.offloaded:
+            return
+        for p, d in zip(self.params, self.devices):
+            p.data = p.data.to(d, non_blocking=True)
+        self.offloaded = False

@@ -1,0 +1,106 @@
+"""The frozen weights' round trip to host memory, and where the GRPO run does it in the engine's wake-up."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from align.config import AlignConfig, LoraConfig, ModelConfig
+from align.errors import AlignError
+from align.grpo.run import GRPORun, _offload
+from align.offload import FrozenOffload
+from align.policy import load_policy
+
+IDS = torch.tensor([[1, 5, 30, 40, 50, 6, 20, 21]])
+
+
+def _loss(model) -> torch.Tensor:
+    return model(IDS, labels=IDS).loss
+
+
+def test_round_trip_keeps_parameters_values_and_training():
+    """Every frozen weight (and only those) points at its host buffer while out; afterwards the same parameter
+    objects hold the same values, and loss and LoRA gradients equal those of a policy that never moved."""
+    moved, still = (load_policy(ModelConfig(), LoraConfig()) for _ in range(2))
+    with torch.no_grad():
+        for p in moved.model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        for p, q in zip(still.model.parameters(), moved.model.parameters()):
+            p.copy_(q)
+    params = list(moved.model.parameters())
+    frozen = [p for p in params if not p.requires_grad]
+    values = [p.detach().clone() for p in params]
+    off = FrozenOffload(moved.model, accelerator_only=False)
+    assert len(off.params) == len(frozen) > 0 and off.nbytes == sum(p.numel() * p.element_size() for p in frozen)
+    trainable_ptrs = [p.data_ptr() for p in params if p.requires_grad]
+    off.offload()
+    assert [p.data_ptr() for p in off.params] == [h.data_ptr() for h in off.host]
+    assert [p.data_ptr() for p in params if p.requires_grad] == trainable_ptrs
+    off.offload()  # already out: nothing happens
+    off.restore()
+    assert list(moved.model.parameters()) == params and not off.offloaded
+    assert all(torch.equal(p, v) for p, v in zip(params, values))
+    a, b = _loss(moved.model), _loss(still.model)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    a.backward()
+    b.backward()
+    for (n, p), q in zip(moved.model.named_parameters(), still.model.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=n)
+    hosts = [h.data_ptr() for h in off.host]
+    off.offload()
+    assert [h.data_ptr() for h in off.host] == hosts  # buffers reused
+    off.restore()
+
+
+def test_cpu_parameters_stay_by_default():
+    off = FrozenOffload(load_policy(ModelConfig(), LoraConfig()).model)
+    assert off.params == [] and off.nbytes == 0
+    off.offload()
+    assert not off.offloaded
+
+
+class _Engine:
+    """vLLM's lifecycle as the run sees it: asleep; weights wake, ``push`` runs, then the KV cache wakes."""
+    shares_weights = False
+
+    def __init__(self, events):
+        self.events, self.needs_full_sync, self.last_sync = events, True, {"seconds": 0.5, "params": 7}
+
+    def wake_up(self, push=None):
+        self.events.append("wake weights")
+        if push is not None:
+            push(self.needs_full_sync)
+        self.events.append("wake kv cache")
+
+    def sleep(self):
+        self.events.append("sleep")
+
+
+def test_run_offloads_between_the_sync_and_the_kv_cache_and_restores_after_sleep():
+    events = []
+    off = SimpleNamespace(offload=lambda: events.append("offload"), restore=lambda: events.append("restore"))
+    run = SimpleNamespace(engine=_Engine(events), engine_stale=True, offload=off,
+                          push_weights=lambda full: events.append(f"sync full={full}"))
+    m: dict = {}
+    GRPORun.ready_engine(run, m)
+    GRPORun.release_engine(run, m)
+    assert events == ["wake weights", "sync full=True", "offload", "wake kv cache", "sleep", "restore"]
+    assert m["time/sync"] == 0.5 and m["sync/params"] == 7 and {"time/offload", "time/restore"} <= set(m)
+    events.clear()
+    run.engine.needs_full_sync = run.engine_stale = False  # nothing changed: no sync, the weights still leave
+    GRPORun.ready_engine(run, {})
+    assert events == ["wake weights", "offload", "wake kv cache"]
+
+
+def test_offload_refuses_engines_that_generate_from_the_trainer_weights():
+    cfg = AlignConfig()
+    cfg.rollout.offload_policy_weights = True
+    dist = SimpleNamespace(shards_params=False, backend="ddp")
+    shared = type("HFEngine", (), {"shares_weights": True})()
+    with pytest.raises(AlignError, match="rollout.offload_policy_weights: the HFEngine generates"):
+        _offload(cfg, dist, None, shared)
+    with pytest.raises(AlignError, match="fsdp2 shards"):
+        _offload(cfg, SimpleNamespace(shards_params=True, backend="fsdp2"), None, _Engine([]))
+    cfg.rollout.offload_policy_weights = False
+    assert _offload(cfg, dist, None, _Engine([])) is None

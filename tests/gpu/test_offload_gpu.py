@@ -1,0 +1,31 @@
+"""GPU tier: the policy's frozen weights leave the device and come back (``rollout.offload_policy_weights``)."""
+
+import pytest
+import torch
+
+from align.offload import FrozenOffload
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_offload_frees_the_frozen_weights_and_restores_them_bit_for_bit():
+    model = torch.nn.Sequential(torch.nn.Linear(4096, 8192, bias=False), torch.nn.Linear(8192, 16)).cuda().bfloat16()
+    model[0].weight.requires_grad_(False)
+    frozen, trainable = model[0].weight, model[1].weight
+    before, kept = frozen.detach().clone(), trainable.data_ptr()
+    x = torch.randn(3, 4096, device="cuda", dtype=torch.bfloat16)
+    want = model(x)
+    off = FrozenOffload(model)
+    assert off.nbytes == 4096 * 8192 * 2
+    torch.cuda.empty_cache()
+    used = torch.cuda.memory_allocated()
+    off.offload()
+    assert used - torch.cuda.memory_allocated() == off.nbytes  # all of it, and nothing else
+    assert frozen.device.type == "cpu" and frozen.is_pinned() and trainable.data_ptr() == kept
+    off.restore()
+    assert frozen.device.type == "cuda" and torch.equal(frozen, before)
+    torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+    host = off.host[0].data_ptr()
+    off.offload()
+    assert off.host[0].data_ptr() == host  # the pinned buffers are reused, not pinned again
+    off.restore()
