@@ -175,7 +175,7 @@ class RolloutConfig:
                              "keeps the memory. The CPU has no sleep mode.")
     offload_policy_weights: bool = _f(False, "GPU, vLLM: the policy's frozen weights wait in pinned host memory from "
                                              "the weight sync to the engine's sleep, so the rollout holds the weights "
-                                             "once, not twice (two host copies of them per step).")
+                                             "once, not twice (copied out once, back every step).")
     per_prompt_seeds: bool = _f(True, "Seed every prompt's requests: samples independent of batch and rank layout "
                                       "(equal runs at any world size). false: vLLM requests carry no seed and each "
                                       "generate call is seeded as a whole (same samples after a resume, "

@@ -4,7 +4,9 @@ With LoRA the base weights never change, yet a colocated rollout holds them twic
 engine's. :class:`FrozenOffload` moves the trainer's frozen parameters to host memory once the engine has taken
 the weights and gives them back after the engine sleeps (verl's param offload, for the frozen part only), so the
 rollout holds one copy. Parameter objects stay the same (the optimizer, hooks and compiled graphs keep their
-references); only ``param.data`` moves.
+references); only ``param.data`` moves. Frozen means unchanged, so only the first offload copies a weight out; later
+ones free the device copy of every weight that nothing wrote since (the parameter's version counter and storage as
+they were after the last restore: ``load_state_dict`` or any in-place write through the parameter shows).
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ class FrozenOffload:
         self.host: list[torch.Tensor] | None = None
         self.devices: list[torch.device] = [p.device for p in self.params]
         self.offloaded = False
+        self.copied = 0
+        """Weights copied out by the last :meth:`offload` (all of them the first time, none while they stay)."""
+        self._marks: list[tuple[int, int] | None] = [None] * len(self.params)
 
     @property
     def nbytes(self) -> int:
@@ -55,8 +60,11 @@ class FrozenOffload:
         if self.offloaded or not self.params:
             return
         host = self._buffers()
-        for p, h in zip(self.params, host):
-            h.copy_(p.data, non_blocking=True)
+        self.copied = 0
+        for i, (p, h) in enumerate(zip(self.params, host)):
+            if self._marks[i] != (p._version, p.data_ptr()):  # new, or written since it came back
+                h.copy_(p.data, non_blocking=True)
+                self.copied += 1
         if any(d.type == "cuda" for d in self.devices):
             torch.cuda.synchronize()  # the host copies are complete before anything reads or reuses them
         for p, h in zip(self.params, host):
@@ -70,6 +78,7 @@ class FrozenOffload:
         the host goes on while they run and the next kernel that reads a weight runs after its copy."""
         if not self.offloaded:
             return
-        for p, d in zip(self.params, self.devices):
+        for i, (p, d) in enumerate(zip(self.params, self.devices)):
             p.data = p.data.to(d, non_blocking=True)
+            self._marks[i] = (p._version, p.data_ptr())
         self.offloaded = False

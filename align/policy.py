@@ -58,20 +58,30 @@ class Policy:
 
     @contextlib.contextmanager
     def merged_weights(self, only_adapted: bool = False):
-        """Yield an iterator of (base-model name, merged weight view) while the adapter is merged in place.
+        """Yield an iterator of (base-model name, merged weight): W + ΔW for every adapted weight, computed out
+        of place one tensor at a time, the base weights themselves as views.
 
-        No copies are made, so consume (copy) inside the ``with`` block. ``only_adapted``: just the
-        weights an adapter can change (PEFT wraps exactly those, as ``base_layer`` or
-        ``modules_to_save``) — all a rollout engine needs after it started from the same base.
+        Out of place because an in-place merge and unmerge (PEFT's) rounds W twice: in bf16 it moved about a
+        third of the "frozen" base values at every sync (a CPU test counts them). Consume (copy) inside the
+        ``with`` block. ``only_adapted``: just the weights an adapter can change (PEFT wraps exactly those, as
+        ``base_layer`` or ``modules_to_save``) — all a rollout engine needs after it started from the same base.
         """
         if not self.is_peft:
             yield ((k, v.detach()) for k, v in self.model.state_dict().items())
             return
+        yield _merged_items(self.model, only_adapted)
+
+    @contextlib.contextmanager
+    def merged_in_place(self):
+        """The adapter folded into the base weights while inside (PEFT's merge / unmerge), for decoders that read
+        the module's own weights (the ``fast`` engine). Rounds the base weights in low precision (see
+        :meth:`merged_weights`)."""
+        if not self.is_peft:
+            yield
+            return
         self.model.merge_adapter()
         try:
-            yield ((_base_name(k), v.detach()) for k, v in self.model.get_base_model().state_dict().items()
-                   if "lora_" not in k and ".original_module." not in k
-                   and (not only_adapted or ".base_layer" in k or ".modules_to_save." in k))
+            yield
         finally:
             self.model.unmerge_adapter()
 
@@ -109,6 +119,48 @@ class Policy:
         base = self.model.get_base_model() if self.is_peft else self.model
         base.save_pretrained(out_dir, state_dict=self.merged_state_dict())
         self.tokenizer.save_pretrained(out_dir)
+
+
+def _adapted_weights(model: PeftModel) -> dict[int, list[tuple[torch.nn.Module, str]]]:
+    """data_ptr of each base weight an active LoRA adapter changes -> the (LoRA layer, adapter) pairs changing it."""
+    from peft.tuners.lora import LoraLayer
+
+    out: dict[int, list] = {}
+    for module in model.modules():
+        if not isinstance(module, LoraLayer) or module.disable_adapters or module.merged:
+            continue
+        weight = module.get_param() if hasattr(module, "get_param") else module.get_base_layer().weight
+        for adapter in module.active_adapters:
+            if adapter in module.lora_A:
+                out.setdefault(weight.data_ptr(), []).append((module, adapter))
+    return out
+
+
+def _merged_items(model: PeftModel, only_adapted: bool):
+    deltas = _adapted_weights(model)
+    found: set[int] = set()
+    for k, v in model.get_base_model().state_dict().items():
+        if "lora_" in k or ".original_module." in k or (only_adapted and ".base_layer" not in k
+                                                        and ".modules_to_save." not in k):
+            continue
+        layers = deltas.get(v.data_ptr(), ())
+        if layers:
+            found.add(v.data_ptr())
+        yield _base_name(k), _merged(v.detach(), layers)
+    if len(found) != len(deltas):  # e.g. a wrapper whose state dict copies: the engine would get unadapted weights
+        raise RuntimeError(f"merged_weights: {len(deltas) - len(found)} of {len(deltas)} adapted weights are not in "
+                           "the model's state dict as themselves; their merge would be lost")
+
+
+def _merged(weight: torch.Tensor, layers) -> torch.Tensor:
+    """W + Σ ΔW, added in the promoted dtype and rounded once to W's (what PEFT's in-place ``W += ΔW`` gives)."""
+    if not layers:
+        return weight
+    total = weight
+    for module, adapter in layers:
+        delta = module.get_delta_weight(adapter)
+        total = total.to(torch.promote_types(total.dtype, delta.dtype)) + delta
+    return total.to(weight.dtype)
 
 
 def _base_name(peft_key: str) -> str:

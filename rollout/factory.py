@@ -36,7 +36,7 @@ def make_engine(kind: str, policy, rollout_cfg, dtype: str = "float32", max_mode
         log.info("rollout engine: fast (latent-cache MLA decode, CUDA graphs on GPU)")
         base = policy.model.get_base_model() if hasattr(policy.model, "get_base_model") else policy.model
         return FastEngine(base, policy.tokenizer, max_len=max_model_len,
-                          merged=(lambda: policy.merged_weights()) if policy.is_peft else None)
+                          merged=policy.merged_in_place if policy.is_peft else None)
     if kind == "hf":
         log.info("rollout engine: hf (transformers.generate)")
         return HFEngine(policy.model, policy.tokenizer, synced_gpus=sharded,

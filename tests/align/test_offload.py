@@ -104,3 +104,23 @@ def test_offload_refuses_engines_that_generate_from_the_trainer_weights():
         _offload(cfg, SimpleNamespace(shards_params=True, backend="fsdp2"), None, _Engine([]))
     cfg.rollout.offload_policy_weights = False
     assert _offload(cfg, dist, None, _Engine([])) is None
+
+
+def test_only_weights_written_since_the_last_restore_are_copied_out_again():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    off = FrozenOffload(model, accelerator_only=False)
+    off.offload()
+    assert off.copied == 4
+    off.restore()
+    off.offload()
+    assert off.copied == 0  # frozen: the host copies still hold them
+    off.restore()
+    with torch.no_grad():
+        model[1].weight.add_(1.0)  # e.g. load_state_dict
+    want = model[1].weight.detach().clone()
+    off.offload()
+    assert off.copied == 1 and torch.equal(off.host[2], want)
+    off.restore()
+    assert torch.equal(model[1].weight, want)

@@ -108,3 +108,38 @@ def test_recompute_only_first_layers_keeps_gradients_and_skips_recompute():
     for n in (1, 0):
         for k, g in results[-1][1].items():
             assert torch.allclose(results[n][1][k], g, atol=1e-6), (n, k)
+
+
+def test_merged_weights_leave_the_bf16_base_untouched_and_equal_peft_merge():
+    """The merge is out of place: after many syncs the frozen bf16 base is bit for bit what it was (PEFT's merge +
+    unmerge rounded about a third of its values each time), and each merged weight equals PEFT's merged value."""
+    p = load_policy(ModelConfig(dtype="bfloat16"), LoraConfig(adapter_dtype="bfloat16"))
+    _randomize_lora(p)
+    frozen = {n: q.detach().clone() for n, q in p.model.named_parameters() if not q.requires_grad}
+    for _ in range(3):
+        with p.merged_weights() as weights:
+            got = {k: v.clone() for k, v in weights}
+    assert all(torch.equal(q, frozen[n]) for n, q in p.model.named_parameters() if n in frozen)
+    p.model.merge_adapter()
+    want = {k: v for k, v in p.model.get_base_model().state_dict().items() if "lora_" not in k}
+    from align.policy import _base_name
+
+    want = {_base_name(k): v for k, v in want.items() if ".original_module." not in k}
+    assert got.keys() == want.keys()
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+    base_q = frozen["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"]
+    assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"], base_q)  # the adapter is in there
+    p.model.unmerge_adapter()
+
+
+def test_merged_weights_fail_loudly_when_an_adapted_weight_is_not_found(monkeypatch):
+    """A state dict that copies weights (so their data pointers differ) must not hand the engine unadapted ones."""
+    import align.policy as policy_mod
+
+    p = load_policy(ModelConfig(), LoraConfig())
+    real = policy_mod._adapted_weights
+    monkeypatch.setattr(policy_mod, "_adapted_weights", lambda m: {**real(m), -1: [(None, "default")]})
+    with pytest.raises(RuntimeError, match="1 of .* adapted weights are not in the model's state dict"):
+        with p.merged_weights() as weights:
+            list(weights)

@@ -28,4 +28,11 @@ def test_offload_frees_the_frozen_weights_and_restores_them_bit_for_bit():
     host = off.host[0].data_ptr()
     off.offload()
     assert off.host[0].data_ptr() == host  # the pinned buffers are reused, not pinned again
+    assert off.copied == 0  # unchanged since: nothing travels out again
     off.restore()
+    assert torch.equal(frozen, before)
+    with torch.no_grad():
+        frozen.mul_(2)
+    off.offload()
+    off.restore()
+    assert off.copied == 1 and torch.equal(frozen, before * 2)

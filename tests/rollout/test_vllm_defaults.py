@@ -92,9 +92,37 @@ def test_importing_vllm_keeps_the_trainers_inductor_compile_threads(tmp_path, mo
         "    def apply_model(self, fn): return 0\n")
     monkeypatch.delitem(sys.modules, "vllm", raising=False)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(inductor, "compile_threads", 7)
     monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
     monkeypatch.setattr(vllm_engine, "_quiet_vllm", lambda: None)
-    _start(monkeypatch, cuda=False)
-    assert sys.modules["vllm"].__file__.startswith(str(tmp_path))  # the stand-in ran
-    assert inductor.compile_threads == 7 and "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ
+    # inductor.patch, not monkeypatch: undoing a monkeypatched config entry deletes it (hidden for later tests)
+    with inductor.patch(compile_threads=7):
+        _start(monkeypatch, cuda=False)
+        assert sys.modules["vllm"].__file__.startswith(str(tmp_path))  # the stand-in ran
+        assert inductor.compile_threads == 7 and "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ
+
+
+def test_gpu_sync_streams_the_weights_one_at_a_time(fake_vllm, monkeypatch):
+    """Merged weights are made one by one (``Policy.merged_weights``): the engine must load each before the next
+    is made, or it would hold a second copy of every adapted weight."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    engine = vllm_engine.VLLMEngine("/m", dtype="bfloat16", load_format="dummy")
+    events = []
+
+    def rpc(method, kwargs):
+        for name, _ in kwargs["weights_iterator"]:
+            events.append(("load", name))
+
+    engine.llm.collective_rpc, engine.llm.reset_prefix_cache = rpc, lambda: events.append(("reset",))
+
+    def made():
+        for i in range(3):
+            events.append(("make", f"w{i}"))
+            yield f"w{i}", torch.zeros(2, 3)
+
+    engine.update_weights(made())
+    assert events == [("make", "w0"), ("load", "w0"), ("make", "w1"), ("load", "w1"), ("make", "w2"),
+                      ("load", "w2"), ("reset",)]
+    assert engine.last_sync["tensors"] == 3 and engine.last_sync["params"] == 18
+    events.clear()
+    engine.update_weights(iter(()))
+    assert events == [] and engine.last_sync["tensors"] == 0
