@@ -94,6 +94,7 @@ class GRPORun:
             if self.offload is not None:
                 with timed(metrics, "offload"):
                     self.offload.offload()
+                metrics["offload/copied_tensors"] = self.offload.copied
 
         with timed(metrics, "wake"):
             self.engine.wake_up(between if sync or self.offload is not None else None)

@@ -79,7 +79,8 @@ class _Engine:
 
 def test_run_offloads_between_the_sync_and_the_kv_cache_and_restores_after_sleep():
     events = []
-    off = SimpleNamespace(offload=lambda: events.append("offload"), restore=lambda: events.append("restore"))
+    off = SimpleNamespace(offload=lambda: events.append("offload"), restore=lambda: events.append("restore"),
+                          copied=3)
     run = SimpleNamespace(engine=_Engine(events), engine_stale=True, offload=off,
                           push_weights=lambda full: events.append(f"sync full={full}"))
     m: dict = {}
@@ -87,6 +88,7 @@ def test_run_offloads_between_the_sync_and_the_kv_cache_and_restores_after_sleep
     GRPORun.release_engine(run, m)
     assert events == ["wake weights", "sync full=True", "offload", "wake kv cache", "sleep", "restore"]
     assert m["time/sync"] == 0.5 and m["sync/params"] == 7 and {"time/offload", "time/restore"} <= set(m)
+    assert m["offload/copied_tensors"] == 3
     events.clear()
     run.engine.needs_full_sync = run.engine_stale = False  # nothing changed: no sync, the weights still leave
     GRPORun.ready_engine(run, {})
