@@ -11,6 +11,8 @@ they were after the last restore: ``load_state_dict`` or any in-place write thro
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 
@@ -47,13 +49,28 @@ class FrozenOffload:
         return sum(p.numel() * p.element_size() for p in self.params)
 
     def _buffers(self) -> list[torch.Tensor]:
-        # Allocated on first use and kept: pinning ~30 GB costs seconds, once per run instead of every step.
+        # One page-locked allocation, carved into a view per weight, made on first use and kept: pinning ~30 GB
+        # takes seconds (once per run, not every step).
         if self.host is None:
             pin = torch.cuda.is_available() and any(d.type == "cuda" for d in self.devices)
-            self.host = [torch.empty_like(p.data, device="cpu") for p in self.params]
+            sizes = [p.numel() * p.element_size() for p in self.params]
+            starts = [0]
+            for n in sizes:
+                starts.append(starts[-1] + -(-n // 64) * 64)  # 64-byte aligned views for every dtype
+            flat = torch.empty(starts[-1], dtype=torch.uint8)
             if pin:
-                self.host = [h.pin_memory() for h in self.host]
+                flat = self._pin(flat)
+            self.host = [flat[a:a + n].view(p.dtype).view(p.shape) for p, a, n in zip(self.params, starts, sizes)]
         return self.host
+
+    def _pin(self, flat: torch.Tensor) -> torch.Tensor:
+        """Page-lock ``flat`` where it lies (cudaHostRegister, as torch.distributed's checkpoint stager does): exactly
+        its size, where torch's pinned allocator may round a block up to a power of two."""
+        cudart = torch.cuda.cudart()
+        if int(cudart.cudaHostRegister(flat.data_ptr(), flat.numel(), 1)) == 0:  # 1: cudaHostRegisterPortable
+            weakref.finalize(self, cudart.cudaHostUnregister, flat.data_ptr())
+            return flat
+        return flat.pin_memory()
 
     def offload(self) -> None:
         """Copy every frozen weight to host memory and free its accelerator memory (no-op when already out)."""

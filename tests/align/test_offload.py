@@ -126,3 +126,17 @@ def test_only_weights_written_since_the_last_restore_are_copied_out_again():
     assert off.copied == 1 and torch.equal(off.host[2], want)
     off.restore()
     assert torch.equal(model[1].weight, want)
+
+
+def test_host_buffers_are_views_of_one_allocation():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2).to(torch.bfloat16))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    values = [p.detach().clone() for p in model.parameters()]
+    off = FrozenOffload(model, accelerator_only=False)
+    off.offload()
+    storages = {h.untyped_storage().data_ptr() for h in off.host}
+    assert len(storages) == 1 and all(h.data_ptr() % 64 == 0 for h in off.host)
+    assert [h.dtype for h in off.host] == [p.dtype for p in model.parameters()]
+    off.restore()
+    assert all(torch.equal(p, v) for p, v in zip(model.parameters(), values))
