@@ -39,6 +39,7 @@ class FrozenOffload:
             self.params.append(p)
         self.host: list[torch.Tensor] | None = None
         self.devices: list[torch.device] = [p.device for p in self.params]
+        self.on_cuda = any(d.type == "cuda" for d in self.devices)
         self.offloaded = False
         self.copied = 0
         """Weights copied out by the last :meth:`offload` (all of them the first time, none while they stay)."""
@@ -52,13 +53,12 @@ class FrozenOffload:
         # One page-locked allocation, carved into a view per weight, made on first use and kept: pinning ~30 GB
         # takes seconds (once per run, not every step).
         if self.host is None:
-            pin = torch.cuda.is_available() and any(d.type == "cuda" for d in self.devices)
             sizes = [p.numel() * p.element_size() for p in self.params]
             starts = [0]
             for n in sizes:
                 starts.append(starts[-1] + -(-n // 64) * 64)  # 64-byte aligned views for every dtype
             flat = torch.empty(starts[-1], dtype=torch.uint8)
-            if pin:
+            if self.on_cuda:
                 flat = self._pin(flat)
             self.host = [flat[a:a + n].view(p.dtype).view(p.shape) for p, a, n in zip(self.params, starts, sizes)]
         return self.host
@@ -73,7 +73,8 @@ class FrozenOffload:
         return flat.pin_memory()
 
     def offload(self) -> None:
-        """Copy every frozen weight to host memory and free its accelerator memory (no-op when already out)."""
+        """Free the frozen weights' accelerator memory, copying to host memory those whose host copy is not
+        current (all of them the first time); a no-op when already out."""
         if self.offloaded or not self.params:
             return
         host = self._buffers()
@@ -82,12 +83,12 @@ class FrozenOffload:
             if self._marks[i] != (p._version, p.data_ptr()):  # new, or written since it came back
                 h.copy_(p.data, non_blocking=True)
                 self.copied += 1
-        if any(d.type == "cuda" for d in self.devices):
+        if self.on_cuda:
             torch.cuda.synchronize()  # the host copies are complete before anything reads or reuses them
         for p, h in zip(self.params, host):
             p.data = h
         self.offloaded = True
-        if torch.cuda.is_available():
+        if self.on_cuda:
             torch.cuda.empty_cache()  # the engine's allocator is its own: hand the freed blocks back to the driver
 
     def restore(self) -> None:

@@ -61,10 +61,11 @@ class Policy:
         """Yield an iterator of (base-model name, merged weight): W + ΔW for every adapted weight, computed out
         of place one tensor at a time, the base weights themselves as views.
 
-        Out of place because an in-place merge and unmerge (PEFT's) rounds W twice: in bf16 it moved about a
-        third of the "frozen" base values at every sync (a CPU test counts them). Consume (copy) inside the
-        ``with`` block. ``only_adapted``: just the weights an adapter can change (PEFT wraps exactly those, as
-        ``base_layer`` or ``modules_to_save``) — all a rollout engine needs after it started from the same base.
+        Out of place because an in-place merge and unmerge (PEFT's) rounds W twice: in bf16 five syncs of the
+        tiny model moved a quarter to a third of its "frozen" base values (a CPU test checks they now stay).
+        Consume (copy) inside the ``with`` block. ``only_adapted``: just the weights an adapter can change (PEFT
+        wraps exactly those, as ``base_layer`` or ``modules_to_save``) — all a rollout engine needs after it started
+        from the same base.
         """
         if not self.is_peft:
             yield ((k, v.detach()) for k, v in self.model.state_dict().items())

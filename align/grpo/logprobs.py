@@ -8,7 +8,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from align.grpo.packing import pack
-from align.kernels import fused_logp_from_logits
+from align.kernels import fused_logp_from_logits, runs_compiled
 from align.kernels.varlen import packed_rows
 from align.moe import routed_tokens
 
@@ -80,10 +80,9 @@ def completion_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attenti
 
 def _packed_logprobs(decoder, head, input_ids, attention_mask, prompt_width, temperature, chunk_tokens,
                      with_entropy, pack_tokens):
-    # Compiled layers (training passes only) never see a lone row: it would compile them again (see ``pack``).
-    compiled = torch.is_grad_enabled() and any(hasattr(layer, "_compiled_forward") for layer in decoder.layers)
+    # Compiled layers never see a lone row: it would compile them again (see ``pack``).
     pk = pack(input_ids, attention_mask, prompt_width, pack_tokens, multiple=min(PACK_MULTIPLE, pack_tokens),
-              min_rows=2 if compiled else 1)
+              min_rows=2 if runs_compiled(decoder.layers) else 1)
     # No attention mask: align_varlen attends within the sequences that cu_seq_lens delimit (SDPA and eager read the
     # restarting positions as sequence boundaries instead).
     with routed_tokens(pk.real.reshape(-1)), packed_rows():

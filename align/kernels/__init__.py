@@ -14,6 +14,7 @@ from align.kernels.patches import (  # noqa: F401  (the names the rest of align 
     compile_decoder_layers,
     fused_logp_from_logits,
     logp_from_logits,
+    runs_compiled,
     swiglu,
     swiglu_grad,
     use_fused_kernels,

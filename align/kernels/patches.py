@@ -117,6 +117,12 @@ def compile_decoder_layers(model: torch.nn.Module, backend: str = "inductor") ->
     return swap_forwards(layers, _train_dispatch, "_eager_forward")
 
 
+def runs_compiled(layers) -> bool:
+    """Whether a forward through ``layers`` now takes a compiled graph (:func:`compile_decoder_layers`): training
+    mode, gradients on, some layer compiled."""
+    return torch.is_grad_enabled() and any(layer.training and hasattr(layer, "_compiled_forward") for layer in layers)
+
+
 def _train_dispatch(layer: torch.nn.Module, *args, **kwargs):
     if layer.training and torch.is_grad_enabled():
         return layer._compiled_forward(*args, **kwargs)
