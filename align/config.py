@@ -140,6 +140,10 @@ class TrainConfig:
     save_total_limit: int = _f(2, "Keep at most this many periodic checkpoints.")
     resume: bool = _f(False, "Continue from the newest checkpoint in output.dir.")
     num_threads: int = _f(0, "torch CPU threads; 0 keeps torch's default.")
+    expandable_segments: bool = _f(False, "GPU: the trainer's CUDA allocations grow expandable segments (torch's "
+                                          "PYTORCH_CUDA_ALLOC_CONF setting, switched on after a colocated engine "
+                                          "started), so memory freed for the engine each step comes back without "
+                                          "fragmenting.")
     report_to: list = _f([], "Trackers besides metrics.jsonl and TensorBoard: wandb, mlflow, trackio (each needs its "
                              "package; project from WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME / TRACKIO_PROJECT, default "
                              "'align').")

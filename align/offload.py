@@ -1,4 +1,5 @@
-"""The policy's frozen weights parked in pinned host memory while a colocated engine generates.
+"""Device memory around a colocated engine: the policy's frozen weights parked in pinned host memory while the
+engine generates, and the trainer's allocator switched to expandable segments.
 
 With LoRA the base weights never change, yet a colocated rollout holds them twice: the trainer's copy and the
 engine's. :class:`FrozenOffload` moves the trainer's frozen parameters to host memory once the engine has taken
@@ -11,6 +12,7 @@ they were after the last restore: ``load_state_dict`` or any in-place write thro
 
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
@@ -100,3 +102,35 @@ class FrozenOffload:
             p.data = p.data.to(d, non_blocking=True)
             self._marks[i] = (p._version, p.data_ptr())
         self.offloaded = False
+
+
+def with_expandable_segments(conf: str, on: bool) -> str:
+    """``conf`` (a ``PYTORCH_CUDA_ALLOC_CONF`` string) with ``expandable_segments`` set to ``on``, every other field
+    kept: torch parses the whole string on each write and resets the fields it does not name.
+
+    >>> with_expandable_segments("max_split_size_mb:512,expandable_segments:False", True)
+    'max_split_size_mb:512,expandable_segments:True'
+    >>> with_expandable_segments("", True)
+    'expandable_segments:True'
+    """
+    fields = [f.strip() for f in conf.split(",") if f.strip() and f.partition(":")[0].strip() != "expandable_segments"]
+    return ",".join(fields + [f"expandable_segments:{on}"])
+
+
+def use_expandable_segments(on: bool = True) -> str | None:
+    """Let CUDA allocations from now on grow expandable segments (or not); returns the allocator config written,
+    ``None`` without a GPU. The environment is updated too, for libraries that read it (vLLM's sleep-mode pool turns
+    the setting off for its own allocations when it finds it there).
+
+    Why: a colocated engine's wake-up and sleep empty torch's cache (its own allocator needs the memory), so each
+    GRPO step's trainer passes allocate their memory anew; fixed-size segments then cost a ``cudaMalloc`` per new
+    block and fragment as micro-batch shapes change, where an expandable segment maps pages onto one range
+    (verl switches this on for its trainer phases too).
+    """
+    if not torch.cuda.is_available():
+        return None
+    name = "PYTORCH_ALLOC_CONF" if os.environ.get("PYTORCH_ALLOC_CONF") else "PYTORCH_CUDA_ALLOC_CONF"
+    conf = with_expandable_segments(os.environ.get(name, ""), on)
+    torch.cuda.memory._set_allocator_settings(conf)
+    os.environ[name] = conf
+    return conf

@@ -22,6 +22,7 @@ from align.errors import AlignError
 from align.trackers import open_trackers
 from align.modeling import load_full_checkpoint, load_tokenizer, resolve_base
 from align.moe import ExpertMonitor
+from align.offload import use_expandable_segments
 from align.policy import Policy, load_policy
 
 log = logging.getLogger(__name__)
@@ -247,6 +248,8 @@ def run_sft(cfg: AlignConfig) -> dict:
     ckpt_dir = run_dir / rundir.CKPT_DIR
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
+    if cfg.train.expandable_segments:
+        log.info("train.expandable_segments: allocator config %s", use_expandable_segments())
     set_seed(cfg.train.seed)
     with state.main_process_first():
         policy = load_policy(cfg.model, cfg.lora, base_dir=run_dir / "base" if main else None)

@@ -35,6 +35,7 @@ from align.grpo.loop import train_step  # noqa: E402
 from align.grpo.run import setup  # noqa: E402
 from align.lora import native_v5_targets, peft_config  # noqa: E402
 from align.modeling import tiny_config  # noqa: E402
+from align.offload import use_expandable_segments  # noqa: E402
 from align.policy import Policy, prepare_for_training  # noqa: E402
 from bench.common import word_tokenizer, write  # noqa: E402
 from bench.sft_throughput import V2_LITE  # noqa: E402
@@ -70,7 +71,9 @@ def overrides(a) -> list[str]:
             f"rollout.num_generations={a.group}", f"grpo.minibatch_size={mb}", f"grpo.steps={max(1, a.steps)}",
             f"rollout.engine={a.engine}", "data.max_length=256", "train.save_steps=0",
             f"model.dtype={'bfloat16' if a.device == 'cuda' else 'float32'}",
-            f"model.gradient_checkpointing={a.device == 'cuda'}", *a.set]
+            f"model.gradient_checkpointing={a.device == 'cuda'}",
+            # engines that generate from the trainer's weights keep them on the device
+            *([] if a.engine == "vllm" else ["rollout.offload_policy_weights=false"]), *a.set]
 
 
 class DevicePeak:
@@ -195,6 +198,8 @@ def run_align(a) -> dict:
     probe = rollout_probe(run, a) if a.rollout_probe else None
     steps = []
     for step in range(1, a.steps + 1):
+        if step == a.expandable_from:
+            print(json.dumps({"expandable_segments_from_step": step, "conf": use_expandable_segments()}), flush=True)
         device_peak, before = DevicePeak(a.device), allocator_counts(a.device)
         with phase_names(device_peak):
             m = train_step(run, step)
@@ -314,6 +319,9 @@ def main() -> None:
                     help="both: also time the probe with vLLM's per-step detokenization and logprob dicts")
     ap.add_argument("--profile-update", type=int, default=0,
                     help="profile align's N-th update (step N) to bench/results/profile_<name>.txt (GPU)")
+    ap.add_argument("--expandable-from", type=int, default=0,
+                    help="switch the allocator to expandable segments before this step (train.expandable_segments "
+                         "in the same run: the steps before it are the baseline)")
     ap.add_argument("--set", nargs="*", default=[], help="extra key.sub=value overrides for align")
     ap.add_argument("--name", default=None)
     a = ap.parse_args()

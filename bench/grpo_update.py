@@ -33,6 +33,7 @@ from align.grpo.logprobs import CompletionLogprobs  # noqa: E402
 from align.grpo.update import fill_old_and_ref, policy_update  # noqa: E402
 from align.kernels import compile_decoder_layers  # noqa: E402
 from align.moe import ExpertMonitor, RouterReplay  # noqa: E402
+from align.offload import use_expandable_segments  # noqa: E402
 from align.policy import Policy, prepare_for_training  # noqa: E402
 from bench.common import write  # noqa: E402
 from bench.decode import TINY, V2_LITE, build  # noqa: E402
@@ -75,9 +76,12 @@ def in_arrival_order(self: UpdateBatch, n: int):
     return [(idx, self.rows(idx).trimmed()) for idx in order.tensor_split(n)]
 
 
-def run_row(policy, batches: list[UpdateBatch], cfg: GRPOConfig, steps: int, device: str) -> dict:
+def run_row(policy, batches: list[UpdateBatch], cfg: GRPOConfig, steps: int, device: str,
+            empty_cache: bool = False) -> dict:
     """One warm-up iteration on ``batches[0]``, then ``steps`` timed ones on ``batches[i]`` (the last one again when
-    the list is short: one batch repeats the warm-up's shapes, several bring new ones as GRPO steps do)."""
+    the list is short: one batch repeats the warm-up's shapes, several bring new ones as GRPO steps do).
+    ``empty_cache``: every iteration starts from an emptied allocator cache, as in a GRPO step, where the colocated
+    engine's wake-up and sleep empty it."""
     fwd = CompletionLogprobs(policy.model)
     params = [p for p in policy.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-6)
@@ -92,6 +96,8 @@ def run_row(policy, batches: list[UpdateBatch], cfg: GRPOConfig, steps: int, dev
     try:
         for i in range(steps + 1):
             batch = batches[min(i, len(batches) - 1)]
+            if empty_cache and device == "cuda":
+                torch.cuda.empty_cache()
             sync(device)
             t0 = time.perf_counter()
             fill_old_and_ref(policy, fwd, batch, cfg, 1.0, replay, need_old=True)
@@ -151,6 +157,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--packed-only", action="store_true", help="with --pack: no unpacked token-budget rows")
     ap.add_argument("--packed-attention", default=ModelConfig().packed_attention, choices=["varlen", "mask"],
                     help="model.packed_attention: varlen flash attention or transformers' block-diagonal mask")
+    ap.add_argument("--compiled-only", action="store_true", help="with --compile-layers: only the compiled rows")
+    ap.add_argument("--allocator-rows", action="store_true",
+                    help="after the last row, the same again with the allocator's cache emptied before every "
+                         "iteration (as a GRPO step's engine wake-up and sleep do), then with expandable segments "
+                         "switched on (train.expandable_segments), emptied and not")
     ap.add_argument("--name", default=None)
     ap.add_argument("--skip-defaults", action="store_true", help="no rows before the budget rows except the first")
     ap.add_argument("--no-baseline", action="store_true", help="not even the first: ratios compare with the next row")
@@ -188,7 +199,23 @@ def plan_rows(a) -> list[tuple]:
     elif a.compile_layers:
         name = f"{tuned} grouped by length, no recomputation, compiled decoder layers"
         plan.append((name, a.micro, False, "compile"))
+    if a.compiled_only:
+        plan = [row for row in plan if row[0].endswith("compiled decoder layers")]
     return plan[1:] if a.no_baseline and len(plan) > 1 else plan
+
+
+def allocator_rows(rows: dict, policy, batches, cfg: GRPOConfig, steps: int, device: str, last: str) -> None:
+    """``--allocator-rows``: the last row's settings under the allocator states of a GRPO step, ratios to that row."""
+    for label, empty, expandable in (("cache emptied every iteration", True, False),
+                                     ("expandable segments, cache emptied every iteration", True, True),
+                                     ("expandable segments", False, True)):
+        if expandable:
+            use_expandable_segments(True)
+        row = run_row(policy, batches, cfg, steps, device, empty_cache=empty)
+        if "update_tok_s" in row and "update_tok_s" in rows[last]:
+            row["update_ratio_vs_warm_fixed_segments"] = row["update_tok_s"] / rows[last]["update_tok_s"]
+        rows[f"{last}, {label}"] = row
+        print(f"{last}, {label}: {row}", flush=True)
 
 
 def add_ratios(rows: dict, base: dict) -> None:
@@ -242,6 +269,8 @@ def main() -> None:
         UpdateBatch.micro_batches = original
         res["rows"][name] = row
         print(f"{name}: {row}", flush=True)
+    if a.allocator_rows:
+        allocator_rows(res["rows"], policy, batches, GRPOConfig(**{**cfg.__dict__, **extra}), a.steps, device, name)
     add_ratios(res["rows"], res["rows"][plan[0][0]])
     write(a.name or f"grpo_update_{a.shape}_{device}", res)
 

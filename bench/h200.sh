@@ -6,6 +6,8 @@
 #   bash bench/h200.sh sft       # align sft at V2-Lite shape vs TRL SFTTrainer, same run, ~430 s
 #   bash bench/h200.sh sft-back  # a short align sft at V2-Lite shape, then align grpo from its checkpoint
 #   bash bench/h200.sh update    # issue 17's shape: budgets 16,384/8,192, recomputing all/20/no layers, compiled
+#   bash bench/h200.sh alloc     # the compiled update at budget 8,192 under a GRPO step's allocator states: warm
+#                                # cache, cache emptied every iteration, expandable segments (emptied and not)
 #   bash bench/h200.sh cache     # step 1 in a fresh process with an empty kernel cache, then a warm one
 #   bash bench/h200.sh profile   # three GRPO steps, step 3's update under torch.profiler (GPU-busy share, kernels)
 #   bash bench/h200.sh step      # align's GRPO steps alone (no TRL baseline), STEPS (3) steps, SET= overrides
@@ -41,13 +43,21 @@ case "$1" in
       | grep "policy_update\|align_step\|Error\|Traceback" | tee "$OUT/grpo_profile.log"
     cp bench/results/profile_grpo_step_profiled_update3_cuda.txt "$OUT/" 2>/dev/null
     ;;
+  alloc)
+    B="--rollout-shape --rollout-rows 256 --completion-len 256 --steps 2 --skip-defaults --no-baseline --packed-only"
+    timeout 560 python bench/grpo_update.py $B --fresh-shapes --budgets 8192 --pack 1024 --compile-layers \
+      --compiled-only --allocator-rows --name grpo_update_allocator_cuda 2>&1 | grep "tok_s':\|Error\|Traceback" \
+      | tee "$OUT/grpo_update_allocator.log"
+    ;;
   step)
+    # EXPANDABLE_FROM=K: expandable segments from step K on (the steps before it: the same run's baseline)
     # RECOMPILES=1: also dynamo's reasons for every recompilation (TORCH_LOGS=recompiles), to tell why a step's
     # compiled layers compile again
     [ -n "${RECOMPILES:-}" ] && export TORCH_LOGS=recompiles
-    timeout 580 python bench/grpo_step.py --prompts 16 --steps ${STEPS:-3} --set grpo.mask_truncated=false \
-      "${ENGINE[@]}" "${SETS[@]}" --name ${NAME:-grpo_step_align_v2-lite_cuda} 2>&1 | grep -v "^\s*$" \
-      | grep "align_step\|startup\|Error\|Traceback\|kernel cache\|__recompiles\]     -\|Recompiling" \
+    timeout 580 python bench/grpo_step.py --prompts 16 --steps ${STEPS:-3} --expandable-from ${EXPANDABLE_FROM:-0} \
+      --set grpo.mask_truncated=false "${ENGINE[@]}" "${SETS[@]}" --name ${NAME:-grpo_step_align_v2-lite_cuda} 2>&1 \
+      | grep -v "^\s*$" \
+      | grep "align_step\|startup\|expandable\|Error\|Traceback\|kernel cache\|__recompiles\]     -\|Recompiling" \
       | tee -a "$OUT/grpo_step_align.log" | grep -v __recompiles
     ;;
   attention)

@@ -21,7 +21,7 @@ from align.dist import Dist
 from align.errors import AlignError
 from align.grpo.logprobs import CompletionLogprobs
 from align.moe import ExpertMonitor, RouterReplay
-from align.offload import FrozenOffload
+from align.offload import FrozenOffload, use_expandable_segments
 from align.stage import make_monitor
 from align.policy import Policy, load_policy
 from rewards import Combined
@@ -159,6 +159,8 @@ def setup(cfg: AlignConfig, dist: Dist, rows: list[dict], rewards: Combined, pol
                          full_weights=lambda: dist.full_weights(fwd))
     # model_s: build + move; engine_total_s: make_engine (for vLLM: its own start engine_s + first_sync_s)
     startup = {"model_s": t_model, "engine_total_s": time.perf_counter() - t, **getattr(engine, "startup", {})}
+    if cfg.train.expandable_segments:  # after the engine's start: its memory pool and CUDA graphs as vLLM made them
+        log.info("train.expandable_segments: allocator config %s", use_expandable_segments())
     rows = within_length(rows, policy.tokenizer, cfg.data.max_length)
     monitor = make_monitor(policy.model, cfg.monitor)
     g = cfg.grpo

@@ -1,5 +1,6 @@
 """The frozen weights' round trip to host memory, and where the GRPO run does it in the engine's wake-up."""
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -140,3 +141,30 @@ def test_host_buffers_are_views_of_one_allocation():
     assert [h.dtype for h in off.host] == [p.dtype for p in model.parameters()]
     off.restore()
     assert all(torch.equal(p, v) for p, v in zip(model.parameters(), values))
+
+
+def test_expandable_segments_switch_on_after_the_engine_started_and_only_when_asked(monkeypatch):
+    from align.dist import Dist
+    from align.grpo import run as run_mod
+    from rewards import Combined
+
+    order = []
+    monkeypatch.setattr(run_mod, "make_engine", lambda *a, **k: order.append("engine") or _Engine([]))
+    monkeypatch.setattr(run_mod, "use_expandable_segments", lambda on=True: order.append(f"expandable {on}"))
+    cfg = AlignConfig()
+    policy = load_policy(cfg.model, cfg.lora)
+    rows = [{"prompt": [{"role": "user", "content": "1 + 1"}]}]
+    run_mod.setup(cfg, Dist(), rows, Combined({"math": 1.0}), policy=policy)
+    assert order == ["engine"]
+    cfg.train.expandable_segments = True
+    run_mod.setup(cfg, Dist(), rows, Combined({"math": 1.0}), policy=policy)
+    assert order == ["engine", "engine", "expandable True"]  # vLLM's pool and CUDA graphs are made as it makes them
+
+
+def test_expandable_segments_is_a_no_op_without_a_gpu(monkeypatch):
+    from align.offload import use_expandable_segments
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert use_expandable_segments(True) is None
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ

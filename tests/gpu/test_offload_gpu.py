@@ -36,3 +36,22 @@ def test_offload_frees_the_frozen_weights_and_restores_them_bit_for_bit():
     off.offload()
     off.restore()
     assert off.copied == 1 and torch.equal(frozen, before * 2)
+
+
+def test_expandable_segments_switch_applies_to_new_allocations_and_keeps_other_settings(monkeypatch):
+    from align.offload import use_expandable_segments
+
+    def segments(t):  # the allocator's segment that holds t
+        addr = t.data_ptr()
+        return [s for s in torch.cuda.memory_snapshot() if s["address"] <= addr < s["address"] + s["total_size"]]
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "garbage_collection_threshold:0.9")
+    try:
+        assert use_expandable_segments(True) == "garbage_collection_threshold:0.9,expandable_segments:True"
+        grown = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
+        assert segments(grown)[0]["is_expandable"]
+        assert use_expandable_segments(False).endswith("expandable_segments:False")
+        fixed = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
+        assert not segments(fixed)[0]["is_expandable"]
+    finally:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:False")
