@@ -200,7 +200,8 @@ def run_align(a) -> dict:
     for step in range(1, a.steps + 1):
         if step == a.expandable_from:
             print(json.dumps({"expandable_segments_from_step": step, "conf": use_expandable_segments()}), flush=True)
-        device_peak, before = DevicePeak(a.device), allocator_counts(a.device)
+        sampled = a.device if not a.no_peak_from or step < a.no_peak_from else "cpu"  # "cpu": no sampling thread
+        device_peak, before = DevicePeak(sampled), allocator_counts(a.device)
         with phase_names(device_peak):
             m = train_step(run, step)
         kept = ("time/", "completion/", "throughput/", "mismatch/", "batch/")
@@ -322,6 +323,8 @@ def main() -> None:
     ap.add_argument("--expandable-from", type=int, default=0,
                     help="switch the allocator to expandable segments before this step (train.expandable_segments "
                          "in the same run: the steps before it are the baseline)")
+    ap.add_argument("--no-peak-from", type=int, default=0,
+                    help="no whole-GPU memory sampling thread from this step on (what the thread costs the steps)")
     ap.add_argument("--set", nargs="*", default=[], help="extra key.sub=value overrides for align")
     ap.add_argument("--name", default=None)
     a = ap.parse_args()

@@ -50,15 +50,20 @@ case "$1" in
       | tee "$OUT/grpo_update_allocator.log"
     ;;
   step)
-    # EXPANDABLE_FROM=K: expandable segments from step K on (the steps before it: the same run's baseline)
+    # EXPANDABLE_FROM=K: expandable segments from step K on (the steps before it: the same run's baseline);
+    # NO_PEAK_FROM=K: no whole-GPU memory sampling thread from step K on; PROFILE=N: step N's update under
+    # torch.profiler (bench/results/profile_<NAME>_updateN_cuda.txt)
     # RECOMPILES=1: also dynamo's reasons for every recompilation (TORCH_LOGS=recompiles), to tell why a step's
     # compiled layers compile again
     [ -n "${RECOMPILES:-}" ] && export TORCH_LOGS=recompiles
+    WHY="__recompiles\]     -"
     timeout 580 python bench/grpo_step.py --prompts 16 --steps ${STEPS:-3} --expandable-from ${EXPANDABLE_FROM:-0} \
-      --set grpo.mask_truncated=false "${ENGINE[@]}" "${SETS[@]}" --name ${NAME:-grpo_step_align_v2-lite_cuda} 2>&1 \
+      --no-peak-from ${NO_PEAK_FROM:-0} --profile-update ${PROFILE:-0} --set grpo.mask_truncated=false \
+      "${ENGINE[@]}" "${SETS[@]}" --name ${NAME:-grpo_step_align_v2-lite_cuda} 2>&1 \
       | grep -v "^\s*$" \
-      | grep "align_step\|startup\|expandable\|Error\|Traceback\|kernel cache\|__recompiles\]     -\|Recompiling" \
+      | grep "align_step\|startup\|expandable\|policy_update\|Error\|Traceback\|kernel cache\|Recompiling\|$WHY" \
       | tee -a "$OUT/grpo_step_align.log" | grep -v __recompiles
+    [ -n "${PROFILE:-}" ] && cp bench/results/profile_*_update${PROFILE}_cuda.txt "$OUT/" 2>/dev/null
     ;;
   attention)
     timeout 300 python bench/attention_shapes.py 2>&1 | tee "$OUT/attention_shapes.log" | tail -30
