@@ -12,6 +12,7 @@ they were after the last restore: ``load_state_dict`` or any in-place write thro
 
 from __future__ import annotations
 
+import mmap
 import os
 import weakref
 
@@ -59,20 +60,30 @@ class FrozenOffload:
             starts = [0]
             for n in sizes:
                 starts.append(starts[-1] + -(-n // 64) * 64)  # 64-byte aligned views for every dtype
-            flat = torch.empty(starts[-1], dtype=torch.uint8)
-            if self.on_cuda:
-                flat = self._pin(flat)
+            flat = self._host_memory(starts[-1])
             self.host = [flat[a:a + n].view(p.dtype).view(p.shape) for p, a, n in zip(self.params, starts, sizes)]
         return self.host
 
-    def _pin(self, flat: torch.Tensor) -> torch.Tensor:
-        """Page-lock ``flat`` where it lies (cudaHostRegister, as torch.distributed's checkpoint stager does): exactly
-        its size, where torch's pinned allocator may round a block up to a power of two."""
+    def _host_memory(self, nbytes: int) -> torch.Tensor:
+        """``nbytes`` of host memory in an anonymous mapping that forked processes leave out, page-locked where it lies
+        on a GPU run (cudaHostRegister, as torch.distributed's checkpoint stager does: exactly its size, where torch's
+        pinned allocator may round a block up to a power of two).
+
+        Why the fork matters: Linux copies page-locked pages into a child at fork (they cannot be shared copy-on-
+        write), so every reward worker forked after the first offload would get its own copy of ~30 GB; on one H200
+        host the step-1 fork of 16 scoring workers was killed for memory. ``MADV_DONTFORK`` keeps the mapping out."""
+        mapping = mmap.mmap(-1, max(nbytes, 1))
+        if hasattr(mmap, "MADV_DONTFORK"):  # Linux; elsewhere there is no CUDA pinning to protect
+            mapping.madvise(mmap.MADV_DONTFORK)
+        self._mapping = mapping  # the views below borrow its memory
+        flat = torch.frombuffer(mapping, dtype=torch.uint8)[:nbytes]
+        if not self.on_cuda:
+            return flat
         cudart = torch.cuda.cudart()
-        if int(cudart.cudaHostRegister(flat.data_ptr(), flat.numel(), 1)) == 0:  # 1: cudaHostRegisterPortable
+        if int(cudart.cudaHostRegister(flat.data_ptr(), max(nbytes, 1), 1)) == 0:  # 1: cudaHostRegisterPortable
             weakref.finalize(self, cudart.cudaHostUnregister, flat.data_ptr())
             return flat
-        return flat.pin_memory()
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)  # the driver's own pinned allocation
 
     def offload(self) -> None:
         """Free the frozen weights' accelerator memory, copying to host memory those whose host copy is not

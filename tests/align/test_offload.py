@@ -143,6 +143,25 @@ def test_host_buffers_are_views_of_one_allocation():
     assert all(torch.equal(p, v) for p, v in zip(model.parameters(), values))
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux: the mapping's flags in /proc/self/smaps")
+def test_host_buffers_are_left_out_of_forked_processes():
+    # Linux copies page-locked pages into every forked child: the mapping must say "do not copy" (VmFlags dc).
+    model = torch.nn.Linear(1024, 1024).requires_grad_(False)
+    off = FrozenOffload(model, accelerator_only=False)
+    off.offload()
+    addr = off.host[0].data_ptr()
+    flags, inside = None, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and line.startswith("VmFlags:"):
+                flags = line.split()[1:]
+    assert flags is not None and "dc" in flags
+
+
 def test_expandable_segments_switch_on_after_the_engine_started_and_only_when_asked(monkeypatch):
     from align.dist import Dist
     from align.grpo import run as run_mod

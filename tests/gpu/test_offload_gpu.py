@@ -48,12 +48,12 @@ def test_expandable_segments_switch_applies_to_new_allocations_and_keeps_other_s
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "garbage_collection_threshold:0.9")
     try:
         assert use_expandable_segments(True) == "garbage_collection_threshold:0.9,expandable_segments:True"
-        torch.cuda.empty_cache()  # the setting is for new segments: none cached from earlier tests may serve these
-        grown = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
+        # The setting is for new segments: ask for more than any segment cached by earlier tests could hold.
+        n = torch.cuda.memory_reserved() + 2**26
+        grown = torch.empty(n, dtype=torch.uint8, device="cuda")
         assert segments(grown)[0]["is_expandable"]
         assert use_expandable_segments(False).endswith("expandable_segments:False")
-        torch.cuda.empty_cache()
-        fixed = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
+        fixed = torch.empty(torch.cuda.memory_reserved() + 2**26, dtype=torch.uint8, device="cuda")
         assert not segments(fixed)[0]["is_expandable"]
     finally:
         torch.cuda.memory._set_allocator_settings("expandable_segments:False")
