@@ -133,10 +133,10 @@ def use_expandable_segments(on: bool = True) -> str | None:
     ``None`` without a GPU. The environment is updated too, for libraries that read it (vLLM's sleep-mode pool turns
     the setting off for its own allocations when it finds it there).
 
-    Why: a colocated engine's wake-up and sleep empty torch's cache (its own allocator needs the memory), so each
-    GRPO step's trainer passes allocate their memory anew; fixed-size segments then cost a ``cudaMalloc`` per new
-    block and fragment as micro-batch shapes change, where an expandable segment maps pages onto one range
-    (verl switches this on for its trainer phases too).
+    For runs that fragment near the memory limit: a colocated engine's wake-up and sleep empty torch's cache every
+    GRPO step, so the trainer's passes allocate their memory anew each step (verl switches this on for its trainer
+    phases). Measured on one H200 it did not pay: the compiled update alone 1.03-1.07x, and inside the GRPO step
+    slower (vLLM's sleep 0.40 -> 3.89 s, the update 6.1-6.5 -> 7.1 s; bench/README.md, sixth session).
     """
     if not torch.cuda.is_available():
         return None

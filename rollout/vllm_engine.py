@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import logging
@@ -68,11 +69,19 @@ def _write_cpu_experts(model, updates: dict) -> int:
     return len(updates)
 
 
+_TRAINER_CUDNN_SDP: bool | None = None
+"""torch's cuDNN attention switch as the process had it before vLLM was first imported."""
+
+
 def _import_vllm() -> None:
-    """``import vllm``, keeping inductor's compile threads: vLLM's import sets them to one (for its worker
-    processes), and the trainer in this process would then compile its kernels and layers on one thread."""
+    """``import vllm``, keeping the trainer's process-wide settings that vLLM's import changes for itself: inductor's
+    compile threads (set to one for vLLM's worker processes; the trainer would compile its layers on one thread)
+    and cuDNN attention (see :func:`_trainer_attention`)."""
+    global _TRAINER_CUDNN_SDP
     import torch._inductor.config as inductor
 
+    if _TRAINER_CUDNN_SDP is None:
+        _TRAINER_CUDNN_SDP = torch.backends.cuda.cudnn_sdp_enabled()
     threads, env = inductor.compile_threads, os.environ.get("TORCHINDUCTOR_COMPILE_THREADS")
     import vllm  # noqa: F401
 
@@ -81,6 +90,29 @@ def _import_vllm() -> None:
         os.environ.pop("TORCHINDUCTOR_COMPILE_THREADS", None)
     else:
         os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = env
+    _trainer_attention()
+
+
+def _trainer_attention() -> None:
+    """cuDNN attention back as the trainer had it. vLLM's CUDA platform module switches it off process-wide when
+    imported (``vllm/platforms/cuda.py``: crashes of other models); the trainer's SDPA over packed rows with their
+    block-diagonal mask then falls back to the memory-efficient kernel: 3.1x slower forward + backward at rows of
+    1,024 on the H200 (``bench/results/attention_shapes_cuda.json``), 34% of the update's GPU time inside a GRPO
+    step (``bench/results/profile_grpo_step_recipe2_cuda_update5_cuda.txt``). vLLM generates with it off
+    (:func:`_vllm_attention`)."""
+    if _TRAINER_CUDNN_SDP is not None:
+        torch.backends.cuda.enable_cudnn_sdp(_TRAINER_CUDNN_SDP)
+
+
+@contextlib.contextmanager
+def _vllm_attention():
+    """cuDNN attention off while vLLM runs, as vLLM's import sets it for itself."""
+    trainer = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(trainer)
 
 
 def vllm_available() -> bool:
@@ -215,6 +247,7 @@ class VLLMEngine:
             **{**(GPU_GRAPHS if cuda and not eager else {}), **sized, **(extra or {})},
         )
         _quiet_vllm()
+        _trainer_attention()  # the engine's start imported vLLM's platform module (if the import had not yet)
         if not cuda:
             log.info("vllm-cpu: native rope on %s modules", self.llm.apply_model(_native_rope))
         # vLLM's CPU worker drops torch to one thread for serving; the trainer shares the process.
@@ -251,7 +284,8 @@ class VLLMEngine:
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
             if not self.per_prompt_seeds and settings.seed is not None:
                 torch.manual_seed(settings.seed)
-            outs = self.llm.generate(requests, self._params(settings, decode_after), use_tqdm=False)
+            with _vllm_attention():
+                outs = self.llm.generate(requests, self._params(settings, decode_after), use_tqdm=False)
         samples = [o for out in outs for o in out.outputs]
         ids = [list(o.token_ids) for o in samples]
         texts = (self.llm.get_tokenizer().batch_decode(ids, skip_special_tokens=True) if decode_after

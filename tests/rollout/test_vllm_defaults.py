@@ -101,6 +101,39 @@ def test_importing_vllm_keeps_the_trainers_inductor_compile_threads(tmp_path, mo
         assert inductor.compile_threads == 7 and "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ
 
 
+def test_importing_vllm_keeps_the_trainers_cudnn_attention_and_generates_without_it(tmp_path, monkeypatch):
+    """vLLM's CUDA platform module switches cuDNN attention off process-wide when imported (on import or when the
+    engine starts); the trainer's masked attention over packed rows needs it (3.1x faster on the H200), vLLM's
+    generate runs without it. A stand-in ``vllm`` package does what vLLM does."""
+    from rollout.base import SamplingSettings
+
+    (tmp_path / "vllm").mkdir()
+    (tmp_path / "vllm" / "__init__.py").write_text(
+        "import torch\ntorch.backends.cuda.enable_cudnn_sdp(False)\nseen = []\nclass SamplingParams:\n"
+        "    def __init__(self, **kw): pass\nclass LLM:\n"
+        "    def __init__(self, **kw): torch.backends.cuda.enable_cudnn_sdp(False)\n"
+        "    def apply_model(self, fn): return 0\n"
+        "    def generate(self, requests, params, use_tqdm):\n"
+        "        return seen.append(torch.backends.cuda.cudnn_sdp_enabled()) or []\n")
+    (tmp_path / "vllm" / "inputs.py").write_text("def TokensPrompt(prompt_token_ids): return prompt_token_ids\n")
+    for name in ("vllm", "vllm.inputs"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(vllm_engine, "_quiet_vllm", lambda: None)
+    monkeypatch.setattr(vllm_engine, "_TRAINER_CUDNN_SDP", None)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        engine = vllm_engine.VLLMEngine("/m", dtype="bfloat16")
+        assert sys.modules["vllm"].__file__.startswith(str(tmp_path))  # the stand-in ran
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        assert engine.generate([], SamplingSettings(stop=["."])) == []
+        assert sys.modules["vllm"].seen == [False] and torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+
+
 def test_gpu_sync_streams_the_weights_one_at_a_time(fake_vllm, monkeypatch):
     """Merged weights are made one by one (``Policy.merged_weights``): the engine must load each before the next
     is made, or it would hold a second copy of every adapted weight."""
