@@ -86,3 +86,26 @@ def test_compiled_decoder_layers_train_like_eager_and_skip_recomputed_and_eval()
     with torch.no_grad():
         policy.model(input_ids=ids)
     assert len(calls) == len(layers) - 1, "eval / no-grad passes stay eager"
+
+
+def test_compiled_layers_trace_each_frame_once():
+    """Floats are constants of the compiled graphs: a frame is not traced a second time after inductor's
+    float-to-tensor pass gives up (that first attempt's work never reached the kernel cache, so warm runs repeated
+    it)."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import compilation_time_metrics
+
+    from align.config import LoraConfig, ModelConfig
+    from align.kernels import compile_decoder_layers
+    from align.policy import load_policy
+
+    policy = load_policy(ModelConfig(), LoraConfig(r=4, alpha=8))
+    policy.model.train()
+    with dynamo.config.patch(specialize_float=False):  # dynamo's default, whatever earlier tests left
+        compile_decoder_layers(policy.model, backend="aot_eager")
+        dynamo.reset()
+        compilation_time_metrics.clear()
+        ids = torch.randint(5, 60, (2, 13), generator=torch.Generator().manual_seed(0))
+        policy.model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    assert "compile_attempt_0" in compilation_time_metrics
+    assert "compile_attempt_1" not in compilation_time_metrics
