@@ -72,18 +72,18 @@ class FrozenOffload:
         Why the fork matters: Linux copies page-locked pages into a child at fork (they cannot be shared copy-on-
         write), so every reward worker forked after the first offload would get its own copy of ~30 GB; on one H200
         host the step-1 fork of 16 scoring workers was killed for memory. ``MADV_DONTFORK`` keeps the mapping out."""
-        mapping = mmap.mmap(-1, max(nbytes, 1))
+        size = max(nbytes, 1)  # mmap refuses 0 bytes
+        mapping = mmap.mmap(-1, size)
         if hasattr(mmap, "MADV_DONTFORK"):  # Linux; elsewhere there is no CUDA pinning to protect
             mapping.madvise(mmap.MADV_DONTFORK)
-        self._mapping = mapping  # the views below borrow its memory
         flat = torch.frombuffer(mapping, dtype=torch.uint8)[:nbytes]
-        if not self.on_cuda:
-            return flat
-        cudart = torch.cuda.cudart()
-        if int(cudart.cudaHostRegister(flat.data_ptr(), max(nbytes, 1), 1)) == 0:  # 1: cudaHostRegisterPortable
+        if self.on_cuda:
+            cudart = torch.cuda.cudart()
+            if int(cudart.cudaHostRegister(flat.data_ptr(), size, 1)) != 0:  # 1: cudaHostRegisterPortable
+                return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)  # the driver's own pinned allocation
             weakref.finalize(self, cudart.cudaHostUnregister, flat.data_ptr())
-            return flat
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)  # the driver's own pinned allocation
+        self._mapping = mapping  # the views borrow its memory
+        return flat
 
     def offload(self) -> None:
         """Free the frozen weights' accelerator memory, copying to host memory those whose host copy is not

@@ -265,12 +265,13 @@ def main() -> None:
             extra["pack_tokens"] = split[1]
             split = None
         UpdateBatch.micro_batches = original if split == "fp32" else split or original
-        row = run_row(policy, batches, GRPOConfig(**{**cfg.__dict__, **extra}), a.steps, device)
+        row_cfg = GRPOConfig(**{**cfg.__dict__, **extra})
+        row = run_row(policy, batches, row_cfg, a.steps, device)
         UpdateBatch.micro_batches = original
         res["rows"][name] = row
         print(f"{name}: {row}", flush=True)
     if a.allocator_rows:
-        allocator_rows(res["rows"], policy, batches, GRPOConfig(**{**cfg.__dict__, **extra}), a.steps, device, name)
+        allocator_rows(res["rows"], policy, batches, row_cfg, a.steps, device, name)  # the last row's settings
     add_ratios(res["rows"], res["rows"][plan[0][0]])
     write(a.name or f"grpo_update_{a.shape}_{device}", res)
 

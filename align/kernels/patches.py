@@ -81,13 +81,8 @@ def use_fused_kernels() -> bool:
     if _PATCHED or not can_compile_for_gpu():  # without inductor's GPU backend the unfused ops stay
         return _PATCHED
     use_kernel_cache()
-    import torch._dynamo as dynamo
+    _dynamo_settings()
     from transformers.models.deepseek_v2 import modeling_deepseek_v2 as m
-
-    # One graph per norm width (hidden, latent), rank (training 3D, decoding 2D) and grad mode: past dynamo's 8
-    # the rest ran eagerly (seen on the H200 when align grpo's decoder followed SFT in one process).
-    dynamo.config.recompile_limit = max(64, dynamo.config.recompile_limit)
-    _constant_floats(dynamo)
 
     rms = torch.compile(_rms_norm, dynamic=True)
     m.DeepseekV2RMSNorm.forward = lambda self, x: rms(x, self.weight, self.variance_epsilon)
@@ -106,26 +101,31 @@ def compile_decoder_layers(model: torch.nn.Module, backend: str = "inductor") ->
     Evaluation and no-grad passes (old/reference log-probs, generation) keep the eager forward, so their
     caches and shapes never trigger recompilation. Returns how many layers were compiled.
     """
-    import torch._dynamo as dynamo
-
     use_kernel_cache()
+    _dynamo_settings()
     layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")
               and not getattr(m, "gradient_checkpointing", False) and not hasattr(m, "_eager_forward")]
-    # Dense and MoE layers differ; every other layer reuses one of those two graphs (parameters are inputs).
-    dynamo.config.recompile_limit = max(64, dynamo.config.recompile_limit)
-    _constant_floats(dynamo)
     for layer in layers:
         layer._compiled_forward = torch.compile(layer.forward, dynamic=True, backend=backend)
     return swap_forwards(layers, _train_dispatch, "_eager_forward")
 
 
-def _constant_floats(dynamo) -> None:
-    """Python floats (norm eps, attention and LoRA scales, the sampling temperature) as constants of the graphs.
-    Left symbolic, as dynamo does by default, each new frame was traced, handed to AOT autograd and then traced
-    again from the start when inductor's float-to-tensor pass gave up ("Restarting analysis due to
+def _dynamo_settings() -> None:
+    """What align's compiled functions and layers need of dynamo (process-wide, as dynamo's config is).
+
+    ``recompile_limit`` 64: one graph per norm width (hidden, latent), rank (training 3D, decoding 2D) and grad mode,
+    and per layer kind (dense, MoE; every other layer reuses one, parameters being inputs); past dynamo's 8 the rest
+    ran eagerly (seen on the H200 when align grpo's decoder followed SFT in one process).
+
+    ``specialize_float``: Python floats (norm eps, attention and LoRA scales, the sampling temperature) are constants
+    of the graphs. Left symbolic, as dynamo does by default, each new frame was traced, handed to AOT autograd and
+    then traced again from the start when the float-to-tensor pass gave up ("Restarting analysis due to
     _tensorify_python_scalars"), and that first attempt's AOT-autograd entry never reached the kernel cache, so a
-    warm run paid for it again. CPU, tiny model, 3 compiled layers (``tests``' shape): warm first step 8.7-9.9 s ->
-    4.9-6.2 s; these floats are fixed for a run, so no recompilation follows."""
+    warm run paid for it again. CPU, tiny model, 3 compiled layers: warm first step 8.7-9.9 s -> 4.9-6.2 s. These
+    floats are fixed for a run, so no recompilation follows."""
+    import torch._dynamo as dynamo
+
+    dynamo.config.recompile_limit = max(64, dynamo.config.recompile_limit)
     dynamo.config.specialize_float = True
 
 
