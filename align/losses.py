@@ -2,7 +2,9 @@
 
 Every loss takes per-token log-probs [N, T] of the current policy, the old (sampling) policy and
 optionally the reference, per-sequence advantages [N], and a completion mask [N, T]; it returns
-``(loss, metrics)``. Token losses are reduced by :func:`aggregate`, the one aggregation function;
+``(loss, metrics)``, metrics as detached 0-d tensors: reading one on the host waits for the GPU, so the update
+reads them all at once per minibatch rather than stalling every micro-batch.
+Token losses are reduced by :func:`aggregate`, the one aggregation function;
 ``norm={"num_seqs", "num_tokens"}`` (global minibatch counts) makes one rank's loss its additive
 share of the whole minibatch's loss in multi-process runs.
 """
@@ -68,9 +70,9 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3"
     raise ValueError(f"unknown KL estimator {estimator!r}")
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.to(x.dtype)
-    return float((x * m).sum() / m.sum().clamp_min(1))
+    return ((x * m).sum() / m.sum().clamp_min(1)).detach()
 
 
 def _clipped_pg(ratio, adv, eps_low, eps_high):
@@ -94,7 +96,7 @@ def _token_objective(logp, old_logp, advantages, mask, eps_low, eps_high, ref_lo
         per_token = per_token + beta * kl
         metrics["actor/kl"] = _masked_mean(kl.detach(), mask)
     loss = aggregate(per_token, mask, mode, max_len, **(norm or {}))
-    metrics["actor/pg_loss"] = float(loss.detach())
+    metrics["actor/pg_loss"] = loss.detach()
     return loss, metrics
 
 
@@ -134,14 +136,13 @@ def gspo_loss(logp, old_logp, advantages, mask, *, epsilon=3e-4, epsilon_high=4e
     per_token, clip_hit = _clipped_pg(ratio, advantages, epsilon, epsilon_high)
     if tis_weights is not None:
         per_token = per_token * tis_weights
-    metrics = {"actor/clipfrac": float(clip_hit[:, 0].float().mean()),
-               "actor/ratio_mean": float(ratio[:, 0].detach().mean())}
+    metrics = {"actor/clipfrac": clip_hit[:, 0].float().mean(), "actor/ratio_mean": ratio[:, 0].detach().mean()}
     if beta and ref_logp is not None:
         kl = kl_penalty(logp, ref_logp, kl_estimator)
         per_token = per_token + beta * kl
         metrics["actor/kl"] = _masked_mean(kl.detach(), mask)
     loss = aggregate(per_token, mask, "seq_mean_token_mean", num_seqs=(norm or {}).get("num_seqs"))
-    metrics["actor/pg_loss"] = float(loss.detach())
+    metrics["actor/pg_loss"] = loss.detach()
     return loss, metrics
 
 
@@ -153,12 +154,12 @@ def tis_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float) 
 
 
 def mismatch_metrics(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor) -> dict:
-    """Train/infer mismatch: mean and max |Δ logprob| and the k3 KL(rollout || trainer) per token."""
-    d = (old_logp - rollout_logp).abs()
-    m = mask.bool()
+    """Train/infer mismatch: mean and max |Δ logprob| and the k3 KL(rollout || trainer) per token (0-d tensors;
+    the max is 0 without completion tokens)."""
+    d = (old_logp - rollout_logp).abs().detach()
     k3 = kl_penalty(rollout_logp, old_logp, "k3")
     return {
         "mismatch/abs_logp_mean": _masked_mean(d, mask),
-        "mismatch/abs_logp_max": float(d[m].max()) if m.any() else 0.0,
+        "mismatch/abs_logp_max": d.masked_fill(~mask.bool(), 0).amax() if d.numel() else d.new_zeros(()),
         "mismatch/kl_k3": _masked_mean(k3, mask),
     }

@@ -65,6 +65,13 @@ def _decoder(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _expert_counts(topk_idx: torch.Tensor, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
+    """[E] tokens routed to each expert (a scatter: ``torch.bincount`` on CUDA waits for the GPU to size its output)."""
+    flat = topk_idx.reshape(-1)
+    counts = torch.zeros(num_experts, dtype=dtype, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=dtype))
+
+
 def expert_balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     """DeepSeek-V2 expert-level balance loss term  sum_i f_i P_i  for one layer (before alpha1).
 
@@ -72,7 +79,7 @@ def expert_balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts
     f_i = E / (K T) * #tokens routed to i;  P_i = mean_t s_{i,t}.  (DeepSeek-V2, arXiv:2405.04434, eq. 12-14)
     """
     t, k = topk_idx.shape
-    counts = torch.bincount(topk_idx.reshape(-1), minlength=num_experts).to(probs.dtype)
+    counts = _expert_counts(topk_idx, num_experts, probs.dtype)
     f = counts * num_experts / (k * t)
     p = probs.mean(0)
     return (f * p).sum()
@@ -85,7 +92,7 @@ def device_balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts
     P'_d = sum_{j in E_d} P_j.  (DeepSeek-V2, eq. 15-17)
     """
     t, k = topk_idx.shape
-    counts = torch.bincount(topk_idx.reshape(-1), minlength=num_experts).to(probs.dtype)
+    counts = _expert_counts(topk_idx, num_experts, probs.dtype)
     f = (counts * num_experts / (k * t)).view(devices, -1).mean(1)
     p = probs.mean(0).view(devices, -1).sum(1)
     return (f * p).sum()

@@ -179,6 +179,41 @@ def profile_update(nth: int, name: str) -> None:
     loop.policy_update = wrapped
 
 
+def sync_sites(nth: int, name: str) -> None:
+    """Run step ``nth``'s log-prob passes and update under CUDA's sync debug mode: every operation that makes the host
+    wait for the GPU (a read of a device value, a copy from pageable memory) is counted by the Python line that
+    issued it, printed and written to ``bench/results/<name>.json`` (fewer waits: the host queues work ahead)."""
+    import warnings
+    from collections import Counter
+
+    import align.grpo.loop as loop
+
+    def counted(fn, label):
+        calls = [0]
+
+        def wrapped(*args, **kw):
+            calls[0] += 1
+            if calls[0] != nth:
+                return fn(*args, **kw)
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    out = fn(*args, **kw)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            sites = Counter(f"{w.filename.split('/site-packages/')[-1]}:{w.lineno}" for w in seen
+                            if "synchroniz" in str(w.message))
+            report = {"call": label, "step": nth, "syncs": sum(sites.values()), "sites": dict(sites.most_common())}
+            print(json.dumps({"sync_sites": report}), flush=True)
+            write(f"{name}_{label}", report)
+            return out
+        return wrapped
+
+    loop.fill_old_and_ref = counted(loop.fill_old_and_ref, "logprobs")
+    loop.policy_update = counted(loop.policy_update, "update")
+
+
 def phase_shares(m: dict) -> dict:
     """Each phase's fraction of the step's wall time."""
     names = ("rollout", "score", "logprobs", "update", "sync", "sleep", "wake", "offload", "restore")
@@ -320,6 +355,8 @@ def main() -> None:
                     help="both: also time the probe with vLLM's per-step detokenization and logprob dicts")
     ap.add_argument("--profile-update", type=int, default=0,
                     help="profile align's N-th update (step N) to bench/results/profile_<name>.txt (GPU)")
+    ap.add_argument("--sync-debug", type=int, default=0,
+                    help="count the host-GPU syncs of step N's log-prob passes and update by source line (GPU)")
     ap.add_argument("--expandable-from", type=int, default=0,
                     help="switch the allocator to expandable segments before this step (train.expandable_segments "
                          "in the same run: the steps before it are the baseline)")
@@ -333,6 +370,8 @@ def main() -> None:
            "steps": a.steps, "overrides": overrides(a)}
     if a.profile_update and a.device == "cuda":
         profile_update(a.profile_update, f"profile_{a.name or 'grpo_step'}_update{a.profile_update}_cuda")
+    if a.sync_debug and a.device == "cuda":
+        sync_sites(a.sync_debug, f"syncs_{a.name or 'grpo_step'}_step{a.sync_debug}_cuda")
     if not a.no_align:
         out["align"] = run_align(a)
         torch.cuda.empty_cache() if a.device == "cuda" else None

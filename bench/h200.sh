@@ -52,16 +52,19 @@ case "$1" in
   step)
     # EXPANDABLE_FROM=K: expandable segments from step K on (the steps before it: the same run's baseline);
     # NO_PEAK_FROM=K: no whole-GPU memory sampling thread from step K on; PROFILE=N: step N's update under
-    # torch.profiler (bench/results/profile_<NAME>_updateN_cuda.txt)
+    # torch.profiler (bench/results/profile_<NAME>_updateN_cuda.txt); SYNCS=N: step N's log-prob passes and update
+    # under CUDA's sync debug mode, host waits counted by source line (bench/results/syncs_<NAME>_stepN_cuda_*.json)
     # RECOMPILES=1: also dynamo's reasons for every recompilation (TORCH_LOGS=recompiles), to tell why a step's
     # compiled layers compile again
     [ -n "${RECOMPILES:-}" ] && export TORCH_LOGS=recompiles
     WHY="__recompiles\]     -"
     timeout 580 python bench/grpo_step.py --prompts 16 --steps ${STEPS:-3} --expandable-from ${EXPANDABLE_FROM:-0} \
-      --no-peak-from ${NO_PEAK_FROM:-0} --profile-update ${PROFILE:-0} --set grpo.mask_truncated=false \
+      --no-peak-from ${NO_PEAK_FROM:-0} --profile-update ${PROFILE:-0} --sync-debug ${SYNCS:-0} \
+      --set grpo.mask_truncated=false \
       "${ENGINE[@]}" "${SETS[@]}" --name ${NAME:-grpo_step_align_v2-lite_cuda} 2>&1 \
       | grep -v "^\s*$" \
-      | grep "align_step\|startup\|expandable\|policy_update\|Error\|Traceback\|kernel cache\|Recompiling\|$WHY" \
+      | grep -e "align_step\|sync_sites\|startup\|expandable\|policy_update\|Error\|Traceback\|kernel cache" \
+        -e "Recompiling\|$WHY" \
       | tee -a "$OUT/grpo_step_align.log" | grep -v __recompiles
     [ -n "${PROFILE:-}" ] && cp bench/results/profile_*_update${PROFILE}_cuda.txt "$OUT/" 2>/dev/null
     ;;

@@ -11,6 +11,15 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` on ``device``; a host tensor reaches a GPU through pinned memory without blocking: a plain copy from
+    pageable memory waits for everything queued on the GPU, which would stall the host between micro-batches."""
+    device = torch.device(device)
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 @dataclass
 class UpdateBatch:
     input_ids: torch.Tensor        # [N, P + C]
@@ -33,8 +42,10 @@ class UpdateBatch:
         return replace(self, **{f.name: fn(f.name, getattr(self, f.name)) for f in fields(self)
                                 if isinstance(getattr(self, f.name), torch.Tensor)})
 
-    def to(self, device) -> "UpdateBatch":
-        return self._map(lambda _, t: t.to(device))
+    def to(self, device, host_mask: bool = False) -> "UpdateBatch":
+        """This batch on ``device`` (:func:`to_device`: no wait for the GPU); ``host_mask`` keeps the attention mask
+        on the host, where packed forwards read their sequences' lengths from it."""
+        return self._map(lambda name, t: t if host_mask and name == "attention_mask" else to_device(t, device))
 
     def rows(self, idx: torch.Tensor | slice) -> "UpdateBatch":
         return self._map(lambda _, t: t[idx])

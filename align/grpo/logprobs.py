@@ -9,6 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 from align.grpo.packing import pack
 from align.kernels import fused_logp_from_logits, runs_compiled
+from align.kernels.varlen import NAME as VARLEN
 from align.kernels.varlen import packed_rows
 from align.moe import routed_tokens
 
@@ -78,16 +79,26 @@ def completion_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attenti
                           chunk_tokens, with_entropy)
 
 
+def _packed_mask(decoder, pk) -> dict:
+    """The packed rows' attention mask for SDPA and eager (align_varlen attends within the sequences that
+    cu_seq_lens delimit and ignores it; flash_attention_2 takes none). Given ready-made, it spares transformers'
+    mask builder a host read of the positions (a wait for the GPU at every forward)."""
+    impl = decoder.config._attn_implementation
+    if impl in ("sdpa", VARLEN):
+        return {"attention_mask": pk.causal_mask()}
+    if impl == "eager":
+        return {"attention_mask": pk.causal_mask(decoder.embed_tokens.weight.dtype)}
+    return {}
+
+
 def _packed_logprobs(decoder, head, input_ids, attention_mask, prompt_width, temperature, chunk_tokens,
                      with_entropy, pack_tokens):
     # Compiled layers never see a lone row: it would compile them again (see ``pack``).
     pk = pack(input_ids, attention_mask, prompt_width, pack_tokens, multiple=min(PACK_MULTIPLE, pack_tokens),
               min_rows=2 if runs_compiled(decoder.layers) else 1)
-    # No attention mask: align_varlen attends within the sequences that cu_seq_lens delimit (SDPA and eager read the
-    # restarting positions as sequence boundaries instead).
     with routed_tokens(pk.real.reshape(-1)), packed_rows():
         hidden = decoder(input_ids=pk.input_ids, position_ids=pk.position_ids, use_cache=False,
-                         **pk.attention_kwargs).last_hidden_state
+                         **_packed_mask(decoder, pk), **pk.attention_kwargs).last_hidden_state
     h = hidden.reshape(-1, hidden.shape[-1])[pk.source]
     targets = input_ids[:, prompt_width:][pk.rows, pk.cols]
     logp, ent = token_logprobs(h[None], head, targets[None], temperature, chunk_tokens, with_entropy)

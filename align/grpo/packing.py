@@ -2,9 +2,9 @@
 
 A GRPO batch is mostly padding at real completion lengths (prompts left-padded to the longest prompt,
 completions right-padded to the longest in the part). Packing drops every padding token from the forward:
-each sequence keeps its own positions (restarting at 0), and transformers' mask builder reads those
-restarts as document boundaries (``masking_utils.find_packed_sequence_indices``: attention never crosses
-sequences), so a packed forward computes exactly what the padded one computes for every real token.
+each sequence keeps its own positions (restarting at 0) and attention never crosses sequences (a block-diagonal
+causal mask, :meth:`Packed.causal_mask`, or varlen attention over ``cu_seqlens``), so a packed forward computes
+exactly what the padded one computes for every real token.
 Rows are capped at ``row_tokens`` so attention's quadratic work stays that of short rows, not of one
 row holding the whole micro-batch; the ragged ends of rows are filled with a dummy sequence that no
 completion reads.
@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from align.grpo.batch import to_device
 
 
 @dataclass
@@ -31,6 +33,19 @@ class Packed:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.input_ids.shape)
+
+    def causal_mask(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """[R, 1, L, L] block-diagonal causal mask, True where a token may attend (``dtype``: eager attention's
+        additive form, 0 or the dtype's minimum). Built from the known boundaries on the device: transformers would
+        find them from the positions with a host read, a wait for the GPU at every forward."""
+        r, w = self.shape
+        flat = torch.arange(r * w, device=self.cu_seqlens.device)
+        seg = torch.searchsorted(self.cu_seqlens[1:-1], flat.to(self.cu_seqlens.dtype), right=True).view(r, w)
+        causal = torch.ones(w, w, dtype=torch.bool, device=seg.device).tril()
+        mask = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+        if dtype is None:
+            return mask
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
     @property
     def attention_kwargs(self) -> dict:
@@ -72,8 +87,9 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: in
     Row i's real tokens are the contiguous span ``[P - prompt_len_i, P + completion_len_i)``; its completion
     token j is predicted by the hidden state one place before it in the packed row.
     """
-    lens_p = attention_mask[:, :prompt_width].sum(-1).tolist()
-    lens_c = attention_mask[:, prompt_width:].sum(-1).tolist()
+    mask = attention_mask.cpu()  # a host mask (the update keeps it there): lengths without waiting for the GPU
+    lens_p = mask[:, :prompt_width].sum(-1).tolist()
+    lens_c = mask[:, prompt_width:].sum(-1).tolist()
     lengths = [p + c for p, c in zip(lens_p, lens_c)]
     bins = first_fit(lengths, max(row_tokens, max(lengths, default=1)))
     bins += [[] for _ in range(min_rows - len(bins))]
@@ -97,13 +113,13 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: in
         pos[r, at:] = torch.arange(width - at)  # the filler is one more sequence, never read
         if at < width:
             seqs.append(width - at)
-    real = take >= 0
     device = input_ids.device
-    ids = torch.where(real.to(device), input_ids.reshape(-1)[take.clamp_min(0).to(device)], pad_id)
-    cu = torch.tensor([0] + seqs).cumsum(0).to(device=device, dtype=torch.int32)
+    real = to_device(take >= 0, device)
+    ids = torch.where(real, input_ids.reshape(-1)[to_device(take.clamp_min(0), device)], pad_id)
+    cu = to_device(torch.tensor([0] + seqs, dtype=torch.int32).cumsum(0, dtype=torch.int32), device)
     longest = min(_round_up(max(seqs), multiple), width)  # rounded: flash attention's grid, few distinct values
-    return Packed(ids, pos.to(device), real.to(device), torch.cat(source).to(device), torch.cat(rows).to(device),
-                  torch.cat(cols).to(device), cu, longest)
+    return Packed(ids, to_device(pos, device), real, to_device(torch.cat(source), device),
+                  to_device(torch.cat(rows), device), to_device(torch.cat(cols), device), cu, longest)
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -81,9 +81,12 @@ def fill_old_and_ref(policy, fwd, batch: UpdateBatch, cfg: GRPOConfig, temperatu
     # recorded routing is keyed by the update's own micro-batches.
     big = cfg.logprob_tokens_per_micro_batch or cfg.max_tokens_per_micro_batch
     real, pack = cfg.pack_tokens > 0, cfg.pack_tokens
+    # Parts are planned on the host and their log-probs stay on the device until the end: one wait for the GPU per
+    # pass instead of one per part.
+    done: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (target, host rows, device log-probs)
     try:
         for k, idx in enumerate(local_chunks(batch.size, cfg.minibatch_size, dist)):
-            mb = batch.rows(idx).to(device)
+            mb = batch.rows(idx)
             large = plan(mb, cfg.micro_batch_size, big, dist, real) if cfg.beta > 0 or replay is None else None
             if need_old:
                 # Router replay keys its recorded routing by the update's own micro-batches.
@@ -91,11 +94,13 @@ def fill_old_and_ref(policy, fwd, batch: UpdateBatch, cfg: GRPOConfig, temperatu
                                                           dist, real)
                 for j, (rows, part) in enumerate(parts):
                     with replay("record", key=(k, j)) if replay is not None else _nullctx():
-                        olds[idx[rows.cpu()]] = _widen(_logp(fwd, part, temperature, pack)[0].float().cpu(), width)
+                        done.append((olds, idx[rows], _logp(fwd, part.to(device, real), temperature, pack)[0]))
             if cfg.beta > 0:
                 for rows, part in large:
                     with policy.reference():
-                        refs[idx[rows.cpu()]] = _widen(_logp(fwd, part, temperature, pack)[0].float().cpu(), width)
+                        done.append((refs, idx[rows], _logp(fwd, part.to(device, real), temperature, pack)[0]))
+        for target, rows, logp in done:
+            target[rows] = _widen(logp.float().cpu(), width)
         batch.old_logp = olds if need_old else None
         batch.ref_logp = refs if cfg.beta > 0 else None
     finally:
@@ -112,10 +117,20 @@ def _global_counts(mb: UpdateBatch, dist: Dist | None) -> tuple[dict, float, boo
     return {"num_seqs": int(seqs), "num_tokens": toks}, toks, empty > 0
 
 
+def _token_stats(ent: torch.Tensor, ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[4] float64 sums over the completion tokens: (count, entropy, ratio - 1, (ratio - 1)^2); means and the
+    ratio's variance follow from sums, so micro-batches add them on the device instead of copying tokens out."""
+    m = mask.bool()
+    e = torch.where(m, ent.detach().double(), 0.0)
+    r = torch.where(m, ratio.detach().double() - 1, 0.0)
+    return torch.stack([m.sum().double(), e.sum(), r.sum(), (r * r).sum()])
+
+
 def _micro_step(fwd, part: UpdateBatch, cfg: GRPOConfig, temperature: float, max_len: int, norm: dict, monitor,
-                dist: Dist | None, share: float, last: bool, outputs: tuple[list, list]) -> tuple[dict, bool]:
-    """Loss and backward of one micro-batch (``share``: its fraction of the minibatch's rows); appends the
-    completion tokens' entropies and ratios to ``outputs``."""
+                dist: Dist | None, share: float, last: bool) -> tuple[dict, torch.Tensor | None]:
+    """Loss and backward of one micro-batch (``share``: its fraction of the minibatch's rows); returns its
+    metrics, completion-token sums (:func:`_token_stats`) and whether its loss was finite, all on the device
+    (``None`` when some rank's loss was not: every rank then skips the backward, keeping collectives matched)."""
     world = dist.world if dist is not None else 1
     logp, ent = _logp(fwd, part, temperature, cfg.pack_tokens, entropy=True)
     old = part.old_logp if part.old_logp is not None else logp.detach()
@@ -125,89 +140,122 @@ def _micro_step(fwd, part: UpdateBatch, cfg: GRPOConfig, temperature: float, max
                                  kl_estimator=cfg.kl_estimator, tis_weights=weights, max_len=max_len, norm=norm)
     aux = monitor.pop_aux_loss() if monitor is not None else None
     if aux is not None:
-        m["moe/balance_loss"] = float(aux)
+        m["moe/balance_loss"] = aux.detach()
         loss = loss + aux * share / world
-    ok = dist.min(float(torch.isfinite(loss))) if dist is not None else float(torch.isfinite(loss))
-    if not ok:
-        return m, False
+    m["finite"] = torch.isfinite(loss.detach()).double()
+    if world > 1:
+        if not dist.min(float(m["finite"])):
+            return m, None
+    # One process: a non-finite loss still runs its backward and the minibatch's step is dropped after it, when
+    # the minibatch's values are read in one go (no host sync here, the GPU keeps its queue).
     if dist is not None:
         dist.backward(loss, fwd, sync=last)
     else:
         loss.backward()
     m.update(mismatch_metrics(old, part.rollout_logp, part.completion_mask))
-    cm = part.completion_mask.bool()
-    if cm.any():
-        outputs[0].append(ent[cm].float().cpu())
-        outputs[1].append(torch.exp(logp.detach() - old)[cm].float().cpu())
-    return m, True
+    return m, _token_stats(ent, torch.exp(logp.detach() - old), part.completion_mask)
 
 
 def _backward_minibatch(fwd, mb: UpdateBatch, k: int, cfg: GRPOConfig, temperature: float, max_len: int,
-                        norm: dict, monitor, replay, dist: Dist | None):
-    """Forward and backward of one minibatch a micro-batch at a time (gradients accumulate; DDP syncs on
-    the last); returns (metrics, entropy/ratio rows, finite) without stepping."""
+                        norm: dict, monitor, replay, dist: Dist | None, device) -> tuple | None:
+    """Forward and backward of one host-side minibatch a micro-batch at a time (gradients accumulate; DDP syncs
+    on the last) without stepping; returns the parts' device metrics, their completion tokens and the summed
+    :func:`_token_stats`, or ``None`` when a loss was not finite on some rank."""
     micro = plan(mb, cfg.micro_batch_size, cfg.max_tokens_per_micro_batch, dist, cfg.pack_tokens > 0)
-    parts, ents, ratios = [], [], []
-    for j, (_, part) in enumerate(micro):
+    parts, weights, stats = [], [], []
+    for j, (_, host) in enumerate(micro):
+        part = host.to(device, host_mask=cfg.pack_tokens > 0)
         # The backward runs inside the replay context too: gradient checkpointing recomputes the routers
         # there and must take the same (replayed) experts as the forward did.
         with replay("replay", key=(k, j)) if replay is not None else _nullctx():
-            m, ok = _micro_step(fwd, part, cfg, temperature, max_len, norm, monitor, dist,
-                                share=part.size / mb.size, last=j == len(micro) - 1, outputs=(ents, ratios))
-        if not ok:
-            return {}, [], [], False
-        parts.append((m, float(part.completion_mask.sum())))
-    return combine_metrics([m for m, _ in parts], [w for _, w in parts]), ents, ratios, True
+            m, st = _micro_step(fwd, part, cfg, temperature, max_len, norm, monitor, dist,
+                                share=part.size / mb.size, last=j == len(micro) - 1)
+        if st is None:
+            return None
+        parts.append(m)
+        weights.append(float(host.completion_mask.sum()))
+        stats.append(st)
+    return parts, weights, torch.stack(stats).sum(0)
+
+
+def _read(parts: list[dict], *tensors: torch.Tensor) -> tuple[list[dict], list[float]]:
+    """Every tensor value of ``parts`` and ``tensors`` (0-d) on the host in one transfer: the one place a
+    minibatch waits for the GPU."""
+    keys = [(i, k) for i, m in enumerate(parts) for k, v in m.items() if isinstance(v, torch.Tensor)]
+    flat = [parts[i][k] for i, k in keys] + list(tensors)
+    if not flat:
+        return parts, []
+    vals = torch.cat([t.detach().double().reshape(-1).to(flat[0].device) for t in flat]).tolist()
+    out = [dict(m) for m in parts]
+    for (i, k), v in zip(keys, vals):
+        out[i][k] = v
+    return out, vals[len(keys):]
+
+
+def _minibatch_step(fwd, params, mb: UpdateBatch, k: int, norm: dict, cfg: GRPOConfig, optimizer, scheduler,
+                    temperature, max_len, max_grad_norm, monitor, replay, dist, device) -> tuple[dict, list] | None:
+    """Backward of one minibatch, clipping and (if every loss and the gradient norm are finite) the optimizer
+    step; returns its metrics and token sums, or ``None`` when the step was dropped."""
+    optimizer.zero_grad(set_to_none=True)
+    out = _backward_minibatch(fwd, mb, k, cfg, temperature, max_len, norm, monitor, replay, dist, device)
+    if out is None:
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    parts, weights, stats = out
+    gn = dist.clip_grad_norm(params, max_grad_norm) if dist is not None else \
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    extra = [stats] + ([torch.as_tensor(gn, dtype=torch.float64, device=stats.device)] if gn is not None else [])
+    parts, vals = _read(parts, *extra)
+    finite = all(m.pop("finite") == 1.0 for m in parts) and (gn is None or math.isfinite(vals[4]))
+    if not finite:
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    optimizer.step()
+    scheduler.step()
+    m = combine_metrics(parts, weights)
+    if gn is not None:
+        m["actor/grad_norm"] = vals[4]
+    if vals[0] > 0:
+        m["actor/entropy"] = vals[1] / vals[0]
+    return m, vals[:4]
 
 
 def policy_update(policy, fwd, batch: UpdateBatch, cfg: GRPOConfig, optimizer, scheduler, temperature: float,
                   max_len: int, max_grad_norm: float, monitor=None, replay=None,
                   dist: Dist | None = None) -> tuple[dict, bool]:
     """mu iterations over fixed minibatches; returns (metrics, finite). Non-finite losses skip the step
-    (on every rank at once, so collectives stay matched)."""
+    (on every rank at once, so collectives stay matched). Minibatches are planned on the host and their
+    values read once each (:func:`_read`), so the GPU runs a minibatch's micro-batches back to back."""
     fwd.train()
     params = [p for p in fwd.parameters() if p.requires_grad]
     device = params[0].device
     chunks = local_chunks(batch.size, cfg.minibatch_size, dist)
     agg: dict[str, list[float]] = {}
     finite = True
-    ratios = []
+    stats = [0.0] * 4
     for _ in range(cfg.mu):
         for k, idx in enumerate(chunks):
-            mb = batch.rows(idx).to(device)
+            mb = batch.rows(idx)
             norm, tokens, some_empty = _global_counts(mb, dist)
             if tokens == 0 or some_empty:
                 continue
-            optimizer.zero_grad(set_to_none=True)
-            m, ents, rs, ok = _backward_minibatch(fwd, mb, k, cfg, temperature, max_len, norm, monitor, replay, dist)
-            if not ok:
+            out = _minibatch_step(fwd, params, mb, k, norm, cfg, optimizer, scheduler, temperature, max_len,
+                                  max_grad_norm, monitor, replay, dist, device)
+            if out is None:
                 finite = False
-                optimizer.zero_grad(set_to_none=True)
                 continue
-            if dist is not None:
-                gn = dist.clip_grad_norm(params, max_grad_norm)
-            else:
-                gn = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            if gn is not None and not torch.isfinite(torch.as_tensor(gn)):
-                finite = False
-                optimizer.zero_grad(set_to_none=True)
+            m, st = out
+            if st[0] == 0:
                 continue
-            optimizer.step()
-            scheduler.step()
-            if gn is not None:
-                m["actor/grad_norm"] = float(gn)
-            if not ents:
-                continue
-            m["actor/entropy"] = float(torch.cat(ents).mean())
-            ratios.extend(rs)
+            stats = [a + b for a, b in zip(stats, st)]
             for key, v in m.items():
                 agg.setdefault(key, []).append(v)
     out = {k: sum(v) / len(v) for k, v in agg.items()}
     if "mismatch/abs_logp_max" in agg:
         out["mismatch/abs_logp_max"] = max(agg["mismatch/abs_logp_max"])
-    if ratios:
-        r = torch.cat(ratios)
-        out["actor/ratio_var"] = float(r.var()) if r.numel() > 1 else 0.0
+    n, _, s1, s2 = stats
+    if n > 0:
+        out["actor/ratio_var"] = (s2 - s1 * s1 / n) / (n - 1) if n > 1 else 0.0
     out["actor/lr"] = scheduler.get_last_lr()[0]
     return out, finite and all(math.isfinite(v) for v in out.values())
 

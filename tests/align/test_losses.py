@@ -25,7 +25,9 @@ def test_single_token_by_hand():
     # ratio 1.5 clipped to 1.2 for A=+1: loss = -1.2 ; for A=-1: -min(-1.5, -1.2) = 1.5
     assert get_loss("grpo")(logp, old, torch.tensor([1.0]), mask)[0].item() == pytest.approx(-1.2)
     loss, m = get_loss("grpo")(logp, old, torch.tensor([-1.0]), mask)
-    assert loss.item() == pytest.approx(1.5) and m["actor/clipfrac"] == 0.0
+    assert loss.item() == pytest.approx(1.5) and float(m["actor/clipfrac"]) == 0.0
+    # metrics stay on the device (0-d tensors, no grad): reading them is the caller's one host sync
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in m.values())
     assert get_loss("dapo")(logp, old, torch.tensor([1.0]), mask, epsilon_high=0.28)[0].item() == pytest.approx(-1.28)
 
 
@@ -69,4 +71,11 @@ def test_tis_and_mismatch():
     old, roll = torch.tensor([[0.0, -1.0]]), torch.tensor([[-1.0, -1.0]])
     assert torch.allclose(tis_weights(old, roll, cap=2.0), torch.tensor([[2.0, 1.0]]))
     m = mismatch_metrics(old, roll, torch.ones(1, 2))
-    assert m["mismatch/abs_logp_mean"] == pytest.approx(0.5) and m["mismatch/abs_logp_max"] == pytest.approx(1.0)
+    assert float(m["mismatch/abs_logp_mean"]) == pytest.approx(0.5)
+    assert float(m["mismatch/abs_logp_max"]) == pytest.approx(1.0)
+    # a masked token's difference (3) enters neither the mean nor the max
+    m = mismatch_metrics(torch.tensor([[0.0, -1.0, 2.0]]), torch.tensor([[-1.0, -1.0, -1.0]]),
+                         torch.tensor([[1.0, 1.0, 0.0]]))
+    assert float(m["mismatch/abs_logp_mean"]) == pytest.approx(0.5)
+    assert float(m["mismatch/abs_logp_max"]) == pytest.approx(1.0)
+    assert float(mismatch_metrics(old, roll, torch.zeros(1, 2))["mismatch/abs_logp_max"]) == 0.0

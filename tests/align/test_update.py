@@ -51,6 +51,25 @@ def test_update_moves_logprobs_in_the_advantage_direction():
     assert {"actor/pg_loss", "actor/grad_norm", "actor/entropy", "actor/clipfrac"} <= set(metrics)
 
 
+@pytest.mark.parametrize("micro", [0, 2])
+def test_entropy_and_ratio_variance_are_those_of_the_completion_tokens(micro):
+    """One minibatch, old log-probs shifted by known noise: the ratio exp(logp - old) at the starting parameters is
+    exp(-noise), so ``actor/ratio_var`` is its sample variance over the completion tokens and ``actor/entropy`` the
+    token mean of the policy's entropy; sums added on the device over micro-batches give the same numbers."""
+    policy, batch, opt, sched = _setup()
+    with torch.no_grad():
+        lp, ent = completion_logprobs(policy.model, batch.input_ids, batch.attention_mask, batch.position_ids,
+                                      batch.prompt_width, with_entropy=True)
+    noise = torch.randn(lp.shape, generator=torch.Generator().manual_seed(3)) * 0.1
+    batch.old_logp = lp + noise
+    m = batch.completion_mask.bool()
+    metrics, finite = policy_update(policy, CompletionLogprobs(policy.model), batch,
+                                    GRPOConfig(minibatch_size=4, micro_batch_size=micro), opt, sched, 1.0, 3, 1.0)
+    assert finite
+    assert metrics["actor/ratio_var"] == pytest.approx(float(torch.exp(-noise)[m].double().var()), rel=1e-4)
+    assert metrics["actor/entropy"] == pytest.approx(float(ent[m].mean()), rel=1e-5)
+
+
 def test_non_finite_loss_skips_the_step():
     policy, batch, opt, sched = _setup()
     batch.advantages = torch.tensor([float("nan"), 1.0, 1.0, -1.0])
