@@ -65,37 +65,39 @@ def _decoder(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _expert_counts(topk_idx: torch.Tensor, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
-    """[E] tokens routed to each expert (a scatter: ``torch.bincount`` on CUDA waits for the GPU to size its output)."""
-    flat = topk_idx.reshape(-1)
-    counts = torch.zeros(num_experts, dtype=dtype, device=flat.device)
-    return counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=dtype))
+def _routing_stats(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int,
+                   weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f [E], P [E]) of DeepSeek-V2's balance losses over the tokens of weight 1 (``weights`` [T] of 0/1, e.g.
+    padding or packed filler 0; all tokens when None). Weighted sums, not a boolean index, which on CUDA waits for
+    the GPU to size its result (so does ``torch.bincount``)."""
+    t, k = topk_idx.shape
+    w = probs.new_ones(t) if weights is None else weights.to(probs.dtype)
+    n = w.sum().clamp_min(1)
+    counts = probs.new_zeros(num_experts).scatter_add_(0, topk_idx.reshape(-1), w[:, None].expand(t, k).reshape(-1))
+    return counts * num_experts / (k * n), (probs * w[:, None]).sum(0) / n
 
 
-def expert_balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+def expert_balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int,
+                        weights: torch.Tensor | None = None) -> torch.Tensor:
     """DeepSeek-V2 expert-level balance loss term  sum_i f_i P_i  for one layer (before alpha1).
 
-    probs: [T, E] router softmax scores s_{i,t}; topk_idx: [T, K] chosen experts.
-    f_i = E / (K T) * #tokens routed to i;  P_i = mean_t s_{i,t}.  (DeepSeek-V2, arXiv:2405.04434, eq. 12-14)
+    probs: [T, E] router softmax scores s_{i,t}; topk_idx: [T, K] chosen experts; weights: [T] 0/1, the tokens that
+    count (T below is their number). f_i = E / (K T) * #tokens routed to i;  P_i = mean_t s_{i,t}.
+    (DeepSeek-V2, arXiv:2405.04434, eq. 12-14)
     """
-    t, k = topk_idx.shape
-    counts = _expert_counts(topk_idx, num_experts, probs.dtype)
-    f = counts * num_experts / (k * t)
-    p = probs.mean(0)
+    f, p = _routing_stats(probs, topk_idx, num_experts, weights)
     return (f * p).sum()
 
 
-def device_balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, devices: int) -> torch.Tensor:
+def device_balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, devices: int,
+                        weights: torch.Tensor | None = None) -> torch.Tensor:
     """DeepSeek-V2 device-level balance loss term  sum_d f'_d P'_d  for one layer (before alpha2).
 
     Experts are split into ``devices`` equal contiguous groups E_d; f'_d = mean_{j in E_d} f_j,
-    P'_d = sum_{j in E_d} P_j.  (DeepSeek-V2, eq. 15-17)
+    P'_d = sum_{j in E_d} P_j.  (DeepSeek-V2, eq. 15-17); ``weights`` as in :func:`expert_balance_loss`.
     """
-    t, k = topk_idx.shape
-    counts = _expert_counts(topk_idx, num_experts, probs.dtype)
-    f = (counts * num_experts / (k * t)).view(devices, -1).mean(1)
-    p = probs.mean(0).view(devices, -1).sum(1)
-    return (f * p).sum()
+    f, p = _routing_stats(probs, topk_idx, num_experts, weights)
+    return (f.view(devices, -1).mean(1) * p.view(devices, -1).sum(1)).sum()
 
 
 def balance_stats(counts: torch.Tensor, dead_threshold: float = 0.0) -> dict[str, float]:
@@ -168,11 +170,11 @@ class ExpertMonitor:
             logits, _, idx = output
             mask = _mask_for(self._mask, idx.shape[0])
             if torch.is_grad_enabled() and (self.alpha1 or self.alpha2):
-                lg, ix = (logits[mask], idx[mask]) if mask is not None else (logits, idx)
-                probs = lg.float().softmax(-1)
-                loss = self.alpha1 * expert_balance_loss(probs, ix, self.num_experts) if self.alpha1 else 0.0
+                probs = logits.float().softmax(-1)
+                loss = self.alpha1 * expert_balance_loss(probs, idx, self.num_experts, mask) if self.alpha1 else 0.0
                 if self.alpha2:
-                    loss = loss + self.alpha2 * device_balance_loss(probs, ix, self.num_experts, self.num_devices)
+                    loss = loss + self.alpha2 * device_balance_loss(probs, idx, self.num_experts, self.num_devices,
+                                                                    mask)
                 if first:
                     self._aux.append(loss)
             if first:

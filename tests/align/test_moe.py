@@ -19,6 +19,19 @@ def test_expert_loss_matches_hand_computation():
     assert math.isclose(device_balance_loss(probs, idx, 4, 2).item(), 1.1, rel_tol=1e-6)
 
 
+def test_weighted_balance_losses_equal_those_of_the_kept_tokens():
+    """Weights of 0 (padding, packed filler) drop tokens exactly as indexing them out would."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(6, 8, generator=g).softmax(-1)
+    idx = torch.rand(6, 8, generator=g).topk(2, -1).indices
+    keep = torch.tensor([1, 0, 1, 1, 0, 1])
+    kept = keep.bool()
+    torch.testing.assert_close(expert_balance_loss(probs, idx, 8, keep), expert_balance_loss(probs[kept], idx[kept], 8))
+    torch.testing.assert_close(device_balance_loss(probs, idx, 8, 4, keep),
+                               device_balance_loss(probs[kept], idx[kept], 8, 4))
+    assert not torch.allclose(expert_balance_loss(probs, idx, 8), expert_balance_loss(probs[kept], idx[kept], 8))
+
+
 def test_balance_stats_on_known_counts():
     s = balance_stats(torch.tensor([6, 2, 0, 0]))
     assert math.isclose(s["maxvio"], 6 / 2 - 1)
