@@ -16,7 +16,7 @@ from align.config import GRPOConfig, LoraConfig, ModelConfig, TinyModelConfig
 from align.grpo.batch import build_batch
 from align.grpo.logprobs import CompletionLogprobs
 from align.grpo.update import fill_old_and_ref, policy_update
-from align.moe import RouterReplay
+from align.moe import ExpertMonitor, RouterReplay
 from align.policy import load_policy
 from rollout.base import Completion
 
@@ -49,9 +49,9 @@ def _syncs(fn) -> Counter:
 
 
 def test_packed_update_waits_for_the_gpu_once_per_minibatch():
-    """16 rows in 2 minibatches of 3-4 packed micro-batches each (token budget 128), router replay, TIS, KL: the
-    update waits once per minibatch (its metrics, token sums and gradient norm read together); the log-prob
-    passes once per part, when their log-probs come back at the end."""
+    """16 rows in 2 minibatches of 3 packed micro-batches each (token budget 128), router replay, TIS, KL, the expert
+    monitor with both balance losses: the update waits once per minibatch (its metrics, token sums and gradient norm
+    read together); the log-prob passes once per part, when their log-probs come back at the end."""
     torch.manual_seed(0)
     policy = load_policy(ModelConfig(tiny=GPU_TINY, dtype="bfloat16"), LoraConfig(r=8, alpha=16))
     policy.model.cuda()
@@ -60,12 +60,14 @@ def test_packed_update_waits_for_the_gpu_once_per_minibatch():
                      pack_tokens=128, beta=0.04, tis_cap=2.0, router_replay=True)
     fwd = CompletionLogprobs(policy.model)
     replay = RouterReplay(policy.model)
+    monitor = ExpertMonitor(policy.model, alpha1=0.003, alpha2=0.05, num_devices=2)
     opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=1e-5)
     sched = get_scheduler("constant", opt)
-    run = lambda: policy_update(policy, fwd, batch, cfg, opt, sched, 1.0, 64, 1.0, replay=replay)  # noqa: E731
+    run = lambda: policy_update(policy, fwd, batch, cfg, opt, sched, 1.0, 64, 1.0, monitor, replay)  # noqa: E731
     fill = lambda: fill_old_and_ref(policy, fwd, batch, cfg, 1.0, replay, need_old=True)  # noqa: E731
     fill()
-    assert run()[1]  # the first calls allocate (pinned pool, cuBLAS workspaces): not what is counted
+    metrics, finite = run()  # the first calls allocate (pinned pool, cuBLAS workspaces): not what is counted
+    assert finite and metrics["moe/balance_loss"] > 0
     parts = sum(len(batch.rows(i).by_tokens(128, real=True)) for i in torch.arange(16).split(8))
     assert parts >= 6, "the budget must split each minibatch, else the test shows nothing"
     fill_sites = _syncs(fill)
