@@ -204,20 +204,20 @@ def _minibatch_step(fwd, params, mb: UpdateBatch, k: int, norm: dict, cfg: GRPOC
     parts, weights, stats = out
     gn = dist.clip_grad_norm(params, max_grad_norm) if dist is not None else \
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    extra = [stats] + ([torch.as_tensor(gn, dtype=torch.float64, device=stats.device)] if gn is not None else [])
-    parts, vals = _read(parts, *extra)
-    finite = all(m.pop("finite") == 1.0 for m in parts) and (gn is None or math.isfinite(vals[4]))
-    if not finite:
+    norms = [torch.as_tensor(gn, dtype=torch.float64, device=stats.device)] if gn is not None else []
+    parts, vals = _read(parts, stats, *norms)
+    sums, grad_norm = vals[:4], (vals[4] if norms else None)
+    if not all(m.pop("finite") == 1.0 for m in parts) or (grad_norm is not None and not math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         return None
     optimizer.step()
     scheduler.step()
     m = combine_metrics(parts, weights)
-    if gn is not None:
-        m["actor/grad_norm"] = vals[4]
-    if vals[0] > 0:
-        m["actor/entropy"] = vals[1] / vals[0]
-    return m, vals[:4]
+    if grad_norm is not None:
+        m["actor/grad_norm"] = grad_norm
+    if sums[0] > 0:
+        m["actor/entropy"] = sums[1] / sums[0]
+    return m, sums
 
 
 def policy_update(policy, fwd, batch: UpdateBatch, cfg: GRPOConfig, optimizer, scheduler, temperature: float,
