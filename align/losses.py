@@ -71,6 +71,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3"
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over the mask, detached (a metric)."""
     m = mask.to(x.dtype)
     return ((x * m).sum() / m.sum().clamp_min(1)).detach()
 
@@ -90,11 +91,11 @@ def _token_objective(logp, old_logp, advantages, mask, eps_low, eps_high, ref_lo
     if tis_weights is not None:
         per_token = per_token * tis_weights
     metrics = {"actor/clipfrac": _masked_mean(clip_hit.float(), mask),
-               "actor/ratio_mean": _masked_mean(ratio.detach(), mask)}
+               "actor/ratio_mean": _masked_mean(ratio, mask)}
     if beta and ref_logp is not None:
         kl = kl_penalty(logp, ref_logp, kl_estimator)
         per_token = per_token + beta * kl
-        metrics["actor/kl"] = _masked_mean(kl.detach(), mask)
+        metrics["actor/kl"] = _masked_mean(kl, mask)
     loss = aggregate(per_token, mask, mode, max_len, **(norm or {}))
     metrics["actor/pg_loss"] = loss.detach()
     return loss, metrics
@@ -140,7 +141,7 @@ def gspo_loss(logp, old_logp, advantages, mask, *, epsilon=3e-4, epsilon_high=4e
     if beta and ref_logp is not None:
         kl = kl_penalty(logp, ref_logp, kl_estimator)
         per_token = per_token + beta * kl
-        metrics["actor/kl"] = _masked_mean(kl.detach(), mask)
+        metrics["actor/kl"] = _masked_mean(kl, mask)
     loss = aggregate(per_token, mask, "seq_mean_token_mean", num_seqs=(norm or {}).get("num_seqs"))
     metrics["actor/pg_loss"] = loss.detach()
     return loss, metrics

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from align.grpo.batch import to_device
+from align.kernels.varlen import block_causal_mask
 
 
 @dataclass
@@ -38,11 +39,7 @@ class Packed:
         """[R, 1, L, L] block-diagonal causal mask, True where a token may attend (``dtype``: eager attention's
         additive form, 0 or the dtype's minimum). Built from the known boundaries on the device: transformers would
         find them from the positions with a host read, a wait for the GPU at every forward."""
-        r, w = self.shape
-        flat = torch.arange(r * w, device=self.cu_seqlens.device)
-        seg = torch.searchsorted(self.cu_seqlens[1:-1], flat.to(self.cu_seqlens.dtype), right=True).view(r, w)
-        causal = torch.ones(w, w, dtype=torch.bool, device=seg.device).tril()
-        mask = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+        mask = block_causal_mask(self.cu_seqlens, *self.shape)
         if dtype is None:
             return mask
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)

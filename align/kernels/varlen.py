@@ -57,13 +57,20 @@ def _flash_ok(q: torch.Tensor, dropout: float) -> bool:
             and dropout == 0.0 and _flash() is not None)
 
 
+def block_causal_mask(cu: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    """[R, 1, W, W] bool, True where a token may attend: causally within its own sequence, ``cu`` [N + 1] the
+    sequences' cumulative lengths over the R x W flattened tokens (sequences never cross rows). Built on ``cu``'s
+    device without reading it on the host."""
+    flat = torch.arange(rows * width, device=cu.device)
+    seg = torch.searchsorted(cu[1:-1].long(), flat, right=True).view(rows, width)
+    causal = torch.ones(width, width, dtype=torch.bool, device=cu.device).tril()
+    return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+
+
 def _reference(q, k, v, cu: torch.Tensor, rows: int, scale: float | None, dropout: float) -> torch.Tensor:
     """Block-diagonal causal SDPA per row ([R, H, W, D]); sequences never cross rows (each row ends with filler)."""
-    width = q.shape[2]
-    seg = torch.searchsorted(cu[1:-1].long(), torch.arange(rows * width, device=q.device), right=True).view(rows, width)
-    causal = torch.ones(width, width, dtype=torch.bool, device=q.device).tril()
-    mask = (seg[:, :, None] == seg[:, None, :]) & causal
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], dropout_p=dropout, scale=scale)
+    mask = block_causal_mask(cu, rows, q.shape[2])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
 
 
 def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
